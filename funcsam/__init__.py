@@ -1,0 +1,35 @@
+"""funcsam: Sharpness-Aware Minimization on torch.func.
+
+The pure step :func:`sam_step` over parameter pytrees, and :class:`SAMSGD`, a drop-in
+``torch.optim.Optimizer`` computing the same step with a closure.
+"""
+
+from .clipping import clip_by_global_norm
+from .loss import make_loss_fn
+from .loss_scale import LossScaleState, init_loss_scale, update_loss_scale
+from .optimizer import SAMSGD
+from .perturbation import ascent_direction, perturbation_and_norm, sam_perturbation
+from .sgd import sgd_apply, sgd_direction
+from .step import MomentumState, SAMStepOutput, init_momentum, sam_step
+from .tree import global_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LossScaleState",
+    "MomentumState",
+    "SAMSGD",
+    "SAMStepOutput",
+    "ascent_direction",
+    "clip_by_global_norm",
+    "global_norm",
+    "init_loss_scale",
+    "init_momentum",
+    "make_loss_fn",
+    "perturbation_and_norm",
+    "sam_perturbation",
+    "sam_step",
+    "sgd_apply",
+    "sgd_direction",
+    "update_loss_scale",
+]

@@ -1,0 +1,76 @@
+"""Checks of the step's hyperparameters, shared by ``sam_step`` and ``SAMSGD``.
+
+Each bad value raises a ``ValueError`` (or ``TypeError`` for a wrong type) that names the argument
+and says what it accepts. Tensor-valued ``lr``/``rho`` (for torch.compile) must be 0-dim and floating;
+their values are checked only when they live on the CPU outside compilation, because reading a GPU
+value would force a host sync on every step.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_scalar(name: str, value, *, allow_tensor: bool = False, minimum: float = 0.0) -> None:
+    """``value`` must be a real number >= ``minimum`` (or a 0-dim floating tensor if allowed)."""
+    if isinstance(value, torch.Tensor):
+        if not allow_tensor:
+            raise TypeError(f"{name} must be a Python number, got a tensor; use float({name})")
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(
+                f"{name} must be a 0-dim floating tensor, got shape {tuple(value.shape)} and dtype {value.dtype}"
+            )
+        if value.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(value >= minimum):
+                raise ValueError(f"{name} must be >= {minimum}, got {value.item()}")
+        return
+    if not _is_number(value):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    if not value >= minimum:  # also rejects NaN
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def check_step_hyperparameters(
+    *,
+    lr,
+    rho,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    eta: float,
+    eps: float,
+    max_grad_norm: float | None,
+) -> None:
+    """Raise on the first bad hyperparameter; silent when all are valid."""
+    check_scalar("lr", lr, allow_tensor=True)
+    check_scalar("rho", rho, allow_tensor=True)
+    check_scalar("momentum", momentum)
+    check_scalar("dampening", dampening)
+    check_scalar("weight_decay", weight_decay)
+    check_scalar("eta", eta)
+    check_scalar("eps", eps)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0 (it keeps a zero gradient from giving NaN), got {eps}")
+    if not isinstance(nesterov, bool):
+        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError(
+            f"nesterov=True needs momentum > 0 and dampening == 0 (as torch.optim.SGD), "
+            f"got momentum={momentum}, dampening={dampening}"
+        )
+    if max_grad_norm is not None:
+        check_scalar("max_grad_norm", max_grad_norm)
+        if not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None (no clipping), got {max_grad_norm}")
+
+
+def is_static_zero(value) -> bool:
+    """True for a Python number equal to 0: rho given this way means plain SGD, one pass."""
+    return _is_number(value) and value == 0

@@ -1,0 +1,58 @@
+"""Turning an ``nn.Module`` and a criterion into the pure loss function that ``sam_step`` takes."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+from torch.func import functional_call
+
+from .tree import Tensor
+
+LossFn = Callable[[dict, dict, Any], "tuple[Tensor, tuple[dict, Any]]"]
+
+
+def make_loss_fn(
+    model: torch.nn.Module,
+    criterion: Callable[[Tensor, Tensor], Tensor],
+    *,
+    autocast_dtype: torch.dtype | None = None,
+) -> LossFn:
+    """Build ``loss_fn(params, buffers, batch) -> (loss, (new_buffers, logits))``.
+
+    Args:
+        model: the module whose forward is ``model(inputs) -> logits``. Its own parameters and
+            buffers are never read or written: ``params``/``buffers`` (dicts name -> tensor, as
+            from ``named_parameters()``/``named_buffers()``) are substituted with
+            ``torch.func.functional_call``.
+        criterion: ``criterion(logits, targets) -> scalar loss``, e.g. ``F.cross_entropy``.
+        autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), the forward and the
+            criterion run under ``torch.autocast`` on the inputs' device type. fp32 parameters
+            still get fp32 gradients. fp16 needs loss scaling (``funcsam.init_loss_scale``).
+
+    ``batch`` is ``(inputs, targets)``. ``new_buffers`` holds the buffers after the forward pass
+    (BatchNorm running statistics updated in training mode); the dict passed in is left untouched,
+    because the forward writes into a clone.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(criterion):
+        raise TypeError(f"criterion must be callable as criterion(logits, targets), got {criterion!r}")
+
+    def loss_fn(params: dict, buffers: dict, batch: Any):
+        inputs, targets = batch
+        # functional_call writes BatchNorm's in-place running-stat updates into the tensors it is
+        # given: hand it clones so that the caller's buffers stay as they were.
+        new_buffers = {name: buffer.clone() for name, buffer in buffers.items()}
+        autocast = (
+            torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with autocast:
+            logits = functional_call(model, (params, new_buffers), (inputs,))
+            loss = criterion(logits, targets)
+        return loss.float(), (new_buffers, logits)
+
+    return loss_fn

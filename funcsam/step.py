@@ -1,0 +1,230 @@
+"""The pure SAM step: two gradient evaluations and an SGD update, over parameter pytrees.
+
+Algorithm (Foret et al. 2020, Algorithm 1, with torch.optim.SGD as the base optimizer)::
+
+    g      = grad L(w)                          (BatchNorm statistics of this pass are kept)
+    e      = rho * g / (||g||_2 + eps)          (ASAM: rho * T^2 g / (||T g||_2 + eps), T = |w| + eta)
+    g_sam  = grad L(w + e)                      (this pass's BatchNorm updates are discarded)
+    w, buf = SGD(w, g_sam, buf; lr, momentum, dampening, weight_decay, nesterov)
+
+Usage::
+
+    params  = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    state   = funcsam.init_momentum(params)
+    out = funcsam.sam_step(params, buffers, (x, y), loss_fn, rho=0.05, lr=0.1, momentum_state=state,
+                           momentum=0.9, weight_decay=5e-4)
+    params, buffers, state = out.params, out.buffers, out.momentum_state
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+from .clipping import clip_by_global_norm
+from .hyperparameters import check_step_hyperparameters, is_static_zero
+from .loss_scale import LossScaleState, update_loss_scale
+from .perturbation import perturbation_and_norm
+from .sgd import sgd_apply, sgd_direction
+from .tree import PyTree, Tensor, flatten, global_norm, select, unflatten
+
+GradReduce = Callable[[list], list]
+
+
+class MomentumState(NamedTuple):
+    """The SGD state carried between steps.
+
+    Fields:
+        momentum_buffer: a pytree shaped like ``params``; zeros before the first step.
+        count: int64 0-dim tensor, the number of steps applied (skipped steps do not count).
+    """
+
+    momentum_buffer: PyTree
+    count: Tensor
+
+
+class SAMStepOutput(NamedTuple):
+    """What :func:`sam_step` returns.
+
+    Fields:
+        params: the new parameters (the old ones if the step was skipped).
+        buffers: the buffers after the unperturbed pass (the old ones if skipped).
+        momentum_state: the new :class:`MomentumState`.
+        loss: 0-dim fp32, the loss at w (unscaled), from the first pass.
+        aux: the ``aux`` output of ``loss_fn`` at w (the logits for ``make_loss_fn``).
+        finite: 0-dim bool; False means a gradient was non-finite and the step was skipped.
+        grad_norm: 0-dim fp32, ||g|| of the first gradient (||T g|| for ASAM), after unscaling.
+        loss_scale: the new :class:`LossScaleState`, or None when no loss scaling was asked for.
+    """
+
+    params: PyTree
+    buffers: PyTree
+    momentum_state: MomentumState
+    loss: Tensor
+    aux: Any
+    finite: Tensor
+    grad_norm: Tensor
+    loss_scale: LossScaleState | None
+
+
+def init_momentum(params: PyTree) -> MomentumState:
+    """A fresh :class:`MomentumState` for ``params``: zero buffers and count 0."""
+    leaves, spec = flatten(params)
+    _check_params(leaves)
+    device = leaves[0].device
+    return MomentumState(
+        momentum_buffer=unflatten(spec, [torch.zeros_like(leaf) for leaf in leaves]),
+        count=torch.zeros((), dtype=torch.int64, device=device),
+    )
+
+
+def _check_params(leaves: Sequence) -> None:
+    if not leaves:
+        raise ValueError("params is empty: pass a non-empty pytree of tensors, e.g. dict(model.named_parameters())")
+    for leaf in leaves:
+        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
+            raise TypeError(f"every leaf of params must be a floating-point tensor, got {type(leaf).__name__}")
+
+
+def _gradient_fn(loss_fn: Callable, spec, loss_scale: LossScaleState | None):
+    """``(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux))`` with the loss scaled if asked."""
+
+    def scaled_loss(leaves, buffers, batch):
+        loss, (new_buffers, aux) = loss_fn(unflatten(spec, leaves), buffers, batch)
+        scaled = loss if loss_scale is None else loss * loss_scale.scale
+        return scaled, (loss.detach(), new_buffers, aux)
+
+    return torch.func.grad(scaled_loss, has_aux=True)
+
+
+def _unscale(grads: list, loss_scale: LossScaleState | None) -> list:
+    if loss_scale is None:
+        return grads
+    return torch._foreach_div(grads, loss_scale.scale)
+
+
+def sam_step(
+    params: PyTree,
+    buffers: PyTree,
+    batch: Any,
+    loss_fn: Callable,
+    rho: float | Tensor,
+    lr: float | Tensor,
+    momentum_state: MomentumState,
+    *,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    adaptive: bool = False,
+    eta: float = 0.0,
+    eps: float = 1e-12,
+    max_grad_norm: float | None = None,
+    loss_scale: LossScaleState | None = None,
+    grad_reduce: GradReduce | None = None,
+    sam_sync: str = "global",
+) -> SAMStepOutput:
+    """One SAM step. Pure: returns new params, buffers and state; mutates nothing it was given.
+
+    Args:
+        params: pytree of floating tensors (e.g. a dict from ``named_parameters()``, detached).
+        buffers: pytree passed to ``loss_fn`` unchanged (e.g. BatchNorm running statistics).
+        batch: anything ``loss_fn`` takes, e.g. ``(inputs, targets)``.
+        loss_fn: ``loss_fn(params, buffers, batch) -> (loss, (new_buffers, aux))`` with a 0-dim loss;
+            :func:`funcsam.make_loss_fn` builds one from a module.
+        rho: neighbourhood radius >= 0, a float or a 0-dim tensor (tensors do not recompile when
+            they change under torch.compile). The Python number 0 gives plain SGD in one pass.
+        lr: learning rate >= 0, a float or a 0-dim tensor.
+        momentum_state: from :func:`init_momentum` or a previous step.
+        momentum, dampening, weight_decay, nesterov: torch.optim.SGD's, with its exact semantics;
+            weight decay is added to the SAM gradient with the unperturbed weights.
+        adaptive: ASAM's scale-invariant perturbation, ``T = |w| + eta``.
+        eps: added to the gradient norm; a zero gradient gives e = 0.
+        max_grad_norm: if given, the SAM gradient is clipped to this global norm before the update.
+        loss_scale: a :class:`LossScaleState` for fp16 dynamic loss scaling: both passes are scaled,
+            the gradients unscaled, an overflow skips the step and backs the scale off.
+        grad_reduce: a function on the flat gradient list (e.g. an all-reduce mean across data-parallel
+            replicas, :func:`funcsam.distributed.all_reduce_mean`). Called on the SAM gradient, and on
+            the first gradient too when ``sam_sync == "global"``.
+        sam_sync: ``"global"`` (the perturbation from the averaged gradient; identical to one process
+            on the whole batch) or ``"local"`` (each replica perturbs with its own gradient:
+            m-sharpness with m = the per-replica batch). Only matters with ``grad_reduce``.
+
+    Returns:
+        :class:`SAMStepOutput`. When a gradient (either pass) is non-finite, params, buffers and
+        momentum state come back unchanged, ``finite`` is False and the loss scale backs off.
+    """
+    check_step_hyperparameters(
+        lr=lr, rho=rho, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+        nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
+    )
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(params, buffers, batch), got {loss_fn!r}")
+    if sam_sync not in ("global", "local"):
+        raise ValueError(f"sam_sync must be 'global' or 'local', got {sam_sync!r}")
+    if not isinstance(momentum_state, MomentumState):
+        raise TypeError(
+            f"momentum_state must be a funcsam.MomentumState (from funcsam.init_momentum(params)), "
+            f"got {type(momentum_state).__name__}"
+        )
+    leaves, spec = flatten(params)
+    _check_params(leaves)
+    buffer_leaves, buffer_spec = flatten(momentum_state.momentum_buffer)
+    if buffer_spec != spec:
+        raise ValueError(
+            "momentum_state.momentum_buffer does not have the structure of params; "
+            "create it with funcsam.init_momentum(params)"
+        )
+
+    gradient = _gradient_fn(loss_fn, spec, loss_scale)
+    grads, (loss, new_buffers, aux) = gradient(leaves, buffers, batch)
+    if grad_reduce is not None and sam_sync == "global":
+        grads = grad_reduce(grads)
+    grads = _unscale(grads, loss_scale)
+
+    if is_static_zero(rho):
+        sam_grads = grads
+        grad_norm = global_norm(grads)
+        finite = torch.isfinite(grad_norm)
+    else:
+        perturbation, grad_norm = perturbation_and_norm(
+            grads, leaves, rho, adaptive=adaptive, eta=eta, eps=eps
+        )
+        perturbed = torch._foreach_add(leaves, perturbation)
+        sam_grads, _ = gradient(perturbed, buffers, batch)
+        if grad_reduce is not None:
+            sam_grads = grad_reduce(sam_grads)
+        sam_grads = _unscale(sam_grads, loss_scale)
+        finite = torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
+
+    if max_grad_norm is not None:
+        sam_grads, _ = clip_by_global_norm(sam_grads, max_grad_norm)
+    direction, stepped_buffers = sgd_direction(
+        leaves, sam_grads, buffer_leaves,
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        first_step=momentum_state.count == 0,
+    )
+    stepped = sgd_apply(leaves, direction, lr)
+
+    old_buffer_leaves, old_buffer_spec = flatten(buffers)
+    new_buffer_leaves, new_buffer_spec = flatten(new_buffers)
+    if new_buffer_spec != old_buffer_spec:
+        raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
+    return SAMStepOutput(
+        params=unflatten(spec, select(finite, stepped, leaves)),
+        buffers=unflatten(old_buffer_spec, select(finite, new_buffer_leaves, old_buffer_leaves)),
+        momentum_state=MomentumState(
+            momentum_buffer=unflatten(spec, select(finite, stepped_buffers, buffer_leaves)),
+            count=momentum_state.count + finite.to(momentum_state.count.dtype),
+        ),
+        loss=loss,
+        aux=aux,
+        finite=finite,
+        grad_norm=grad_norm,
+        loss_scale=None if loss_scale is None else update_loss_scale(loss_scale, finite),
+    )
+
+

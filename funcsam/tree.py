@@ -1,0 +1,40 @@
+"""Pytree plumbing: flatten once at the boundary, do the math on flat leaf lists.
+
+optree orders dict leaves by sorted key, so the treespec returned by :func:`flatten` is the one source
+of truth for leaf order; never zip leaves with ``module.parameters()``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import optree
+import torch
+
+Tensor = torch.Tensor
+PyTree = Any
+
+
+def flatten(tree: PyTree) -> tuple[list[Tensor], optree.PyTreeSpec]:
+    """Leaves of ``tree`` in optree order, and the spec that rebuilds it."""
+    leaves, spec = optree.tree_flatten(tree)
+    return leaves, spec
+
+
+def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> PyTree:
+    """Inverse of :func:`flatten`."""
+    return optree.tree_unflatten(spec, list(leaves))
+
+
+def global_norm(leaves: Sequence[Tensor]) -> Tensor:
+    """L2 norm over every element of every leaf: sqrt(sum_i ||x_i||^2), a 0-dim fp32 tensor."""
+    norms = torch._foreach_norm(list(leaves))
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+def select(condition: Tensor, if_true: Sequence[Tensor], if_false: Sequence[Tensor]) -> list[Tensor]:
+    """Leafwise ``torch.where(condition, a, b)`` for a 0-dim bool ``condition``.
+
+    This is how a step is skipped without a host sync or a Python branch on a tensor value.
+    """
+    return [torch.where(condition, a, b) for a, b in zip(if_true, if_false)]
