@@ -92,6 +92,14 @@ class SAMSGD(torch.optim.Optimizer):
         )
         super().add_param_group(param_group)
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``; a ``torch.optim.SGD`` checkpoint loads too,
+        its groups taking this optimizer's ``rho`` (and any other missing key) from the constructor."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None, grad_scaler: torch.amp.GradScaler | None = None):
         """Two gradient evaluations through ``closure`` and one SGD update; returns the loss at w.

@@ -90,14 +90,29 @@ def _check_params(leaves: Sequence) -> None:
 
 
 def _gradient_fn(loss_fn: Callable, spec, loss_scale: LossScaleState | None):
-    """``(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux))`` with the loss scaled if asked."""
+    """``(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux))`` with the loss scaled if asked.
+
+    ``torch.func.grad`` lets only tensors out as auxiliary outputs, so ``aux`` travels flattened
+    (None, an empty tuple and the like have no leaves) and is rebuilt outside.
+    """
+    aux_spec = {}
 
     def scaled_loss(leaves, buffers, batch):
         loss, (new_buffers, aux) = loss_fn(unflatten(spec, leaves), buffers, batch)
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError(f"loss_fn must return a 0-dim loss tensor first, got {type(loss).__name__} "
+                             f"{tuple(getattr(loss, 'shape', ()))}")
+        aux_leaves, aux_spec["spec"] = flatten(aux)
         scaled = loss if loss_scale is None else loss * loss_scale.scale
-        return scaled, (loss.detach(), new_buffers, aux)
+        return scaled, (loss.detach(), new_buffers, aux_leaves)
 
-    return torch.func.grad(scaled_loss, has_aux=True)
+    grad_fn = torch.func.grad(scaled_loss, has_aux=True)
+
+    def gradient(leaves, buffers, batch):
+        grads, (loss, new_buffers, aux_leaves) = grad_fn(leaves, buffers, batch)
+        return grads, (loss, new_buffers, unflatten(aux_spec["spec"], aux_leaves))
+
+    return gradient
 
 
 def _unscale(grads: list, loss_scale: LossScaleState | None) -> list:

@@ -1,0 +1,232 @@
+"""sam_step against the formula written out by hand, against SAMSGD, and its contract."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import funcsam
+from helpers import (
+    assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers,
+    reference_sam_sgd, run_sam_step, run_samsgd,
+)
+
+
+@cartesian(momentum=[0.0, 0.9], nesterov=[False, True], adaptive=[False, True])
+def test_sam_step_matches_hand_written_reference(momentum, nesterov, adaptive):
+    if nesterov and not momentum:
+        return
+    model = mlp()
+    batches = classification_batches(5, 16, (6,))
+    hyper = dict(momentum=momentum, weight_decay=5e-4, nesterov=nesterov, adaptive=adaptive,
+                 eta=0.01 if adaptive else 0.0)
+    rho = 0.5 if adaptive else 0.05
+    expected = reference_sam_sgd(model, batches, rho=rho, lr=0.1, **hyper)
+    params, _ = run_sam_step(model, batches, rho, 0.1, **hyper)
+    assert_trees_close(params, expected, atol=1e-6)
+
+
+def test_samsgd_matches_hand_written_reference_with_dampening():
+    model = mlp()
+    batches = classification_batches(5, 16, (6,))
+    hyper = dict(momentum=0.9, dampening=0.2, weight_decay=1e-3)
+    expected = reference_sam_sgd(model, batches, rho=0.1, lr=0.1, **hyper)
+    params, _ = run_samsgd(model, batches, lr=0.1, rho=0.1, **hyper)
+    assert_trees_close(params, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("make_model,shape", [(mlp, (6,)), (bn_convnet, (3, 6, 6))], ids=["mlp", "bn_convnet"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_step_equals_samsgd_over_five_steps(make_model, shape, adaptive):
+    model = make_model()
+    batches = classification_batches(5, 8, shape)
+    hyper = dict(momentum=0.9, weight_decay=5e-4, nesterov=True, adaptive=adaptive)
+    params, buffers = run_sam_step(model, batches, 0.05, 0.1, **hyper)
+    expected_params, expected_buffers = run_samsgd(model, batches, lr=0.1, rho=0.05, **hyper)
+    assert_trees_close(params, expected_params, atol=1e-5)
+    assert_trees_close(buffers, expected_buffers, atol=1e-5)
+
+
+def _first_pass_statistics(model, batch):
+    """Running stats after one training-mode forward at the unperturbed weights."""
+    model = copy.deepcopy(model)
+    model.train()
+    with torch.no_grad():
+        model(batch[0])
+    return {k: v.detach() for k, v in model.named_buffers()}
+
+
+def test_batchnorm_statistics_come_from_the_first_pass_only():
+    model = bn_convnet()
+    batch = classification_batches(1, 8, (3, 6, 6))[0]
+    expected = _first_pass_statistics(model, batch)
+    _, buffers = run_sam_step(model, [batch], 0.5, 0.1)
+    assert_trees_close(buffers, expected, atol=1e-6)
+    assert int(buffers["1.num_batches_tracked"]) == 1
+    _, adapter_buffers = run_samsgd(model, [batch], lr=0.1, rho=0.5)
+    assert_trees_close(adapter_buffers, expected, atol=1e-6)
+    # Without model=, SAMSGD lets the perturbed pass update them too (sam.pytorch's behaviour).
+    _, both_passes = run_samsgd(model, [batch], keep_first_pass_bn=False, lr=0.1, rho=0.5)
+    assert int(both_passes["1.num_batches_tracked"]) == 2
+
+
+def test_sam_step_mutates_nothing_it_was_given():
+    model = bn_convnet()
+    params, buffers = params_and_buffers(model)
+    state = funcsam.init_momentum(params)
+    state = state._replace(momentum_buffer={k: torch.randn_like(v) for k, v in params.items()})
+    snapshot = copy.deepcopy((params, buffers, state))
+    batch = classification_batches(1, 8, (3, 6, 6))[0]
+    batch_copy = copy.deepcopy(batch)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    out = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, momentum=0.9, weight_decay=1e-3)
+    assert_trees_close(params, snapshot[0], atol=0)
+    assert_trees_close(buffers, snapshot[1], atol=0)
+    assert_trees_close(state.momentum_buffer, snapshot[2].momentum_buffer, atol=0)
+    assert int(state.count) == 0 and int(out.momentum_state.count) == 1
+    torch.testing.assert_close(batch, batch_copy, rtol=0, atol=0)
+    assert not torch.equal(out.params["0.weight"], params["0.weight"])
+    # The module's own tensors are never touched either.
+    assert_trees_close(params_and_buffers(model)[0], params, atol=0)
+
+
+def test_output_fields():
+    model = mlp()
+    params, buffers = params_and_buffers(model)
+    batch = classification_batches(1, 8, (6,))[0]
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    out = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, funcsam.init_momentum(params))
+    torch.testing.assert_close(out.loss, F.cross_entropy(model(batch[0]), batch[1]).detach())
+    torch.testing.assert_close(out.aux, model(batch[0]).detach())
+    g = torch.autograd.grad(F.cross_entropy(model(batch[0]), batch[1]), list(model.parameters()))
+    torch.testing.assert_close(out.grad_norm, torch.sqrt(sum((x ** 2).sum() for x in g)))
+    assert out.finite.dtype == torch.bool and bool(out.finite)
+    assert out.loss_scale is None
+
+
+def test_zero_gradient_gives_zero_perturbation_not_nan():
+    model = mlp()
+    params, buffers = params_and_buffers(model)
+    batch = classification_batches(1, 8, (6,))[0]
+
+    def flat_loss(params, buffers, batch):
+        return (params["0.weight"] * 0.0).sum(), (buffers, None)
+
+    out = funcsam.sam_step(params, buffers, batch, flat_loss, 0.05, 0.1, funcsam.init_momentum(params), momentum=0.9)
+    assert bool(out.finite)
+    assert float(out.grad_norm) == 0.0
+    assert_trees_close(out.params, params, atol=0)
+    e, norm = funcsam.perturbation_and_norm([torch.zeros(3)], [torch.ones(3)], 0.05)
+    assert torch.equal(e[0], torch.zeros(3)) and float(norm) == 0.0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_skips_the_step(bad):
+    model = bn_convnet()
+    params, buffers = params_and_buffers(model)
+    state = funcsam.init_momentum(params)
+    batch = classification_batches(1, 8, (3, 6, 6))[0]
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+
+    def poisoned(params, buffers, batch):
+        loss, aux = loss_fn(params, buffers, batch)
+        return loss * bad, aux
+
+    out = funcsam.sam_step(params, buffers, batch, poisoned, 0.05, 0.1, state, momentum=0.9)
+    assert not bool(out.finite)
+    assert_trees_close(out.params, params, atol=0)
+    assert_trees_close(out.buffers, buffers, atol=0)
+    assert_trees_close(out.momentum_state.momentum_buffer, state.momentum_buffer, atol=0)
+    assert int(out.momentum_state.count) == 0
+
+
+def test_non_finite_second_pass_skips_the_step():
+    model = mlp()
+    params, buffers = params_and_buffers(model)
+    batch = classification_batches(1, 8, (6,))[0]
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    calls = []
+
+    def nan_on_second_call(params, buffers, batch):
+        calls.append(1)
+        loss, aux = loss_fn(params, buffers, batch)
+        return (loss if len(calls) == 1 else loss * float("nan")), aux
+
+    out = funcsam.sam_step(params, buffers, batch, nan_on_second_call, 0.05, 0.1, funcsam.init_momentum(params))
+    assert not bool(out.finite) and bool(torch.isfinite(out.grad_norm))
+    assert_trees_close(out.params, params, atol=0)
+
+
+def test_samsgd_skips_non_finite_step():
+    model = mlp()
+    before = params_and_buffers(model)[0]
+    optimizer = funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9)
+    inputs, targets = classification_batches(1, 8, (6,))[0]
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs), targets) * float("nan")
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    assert not bool(optimizer.last_step_finite)
+    assert_trees_close(params_and_buffers(model)[0], before, atol=0)
+    assert all(int(s["step"]) == 0 for s in optimizer.state.values())
+
+
+def test_clipping_applies_to_the_sam_gradient():
+    model = mlp()
+    batches = classification_batches(1, 16, (6,))
+    params, buffers = params_and_buffers(model)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    state = funcsam.init_momentum(params)
+    lr = 1.0
+    out = funcsam.sam_step(params, buffers, batches[0], loss_fn, 0.05, lr, state, max_grad_norm=1e-3)
+    step_norm = torch.sqrt(sum(((out.params[k] - params[k]) ** 2).sum() for k in params))
+    torch.testing.assert_close(step_norm, torch.tensor(1e-3), rtol=1e-4, atol=0)
+    adapter_params, _ = run_samsgd(model, batches, lr=lr, rho=0.05, max_grad_norm=1e-3)
+    assert_trees_close(out.params, adapter_params, atol=1e-7)
+
+
+def _call(**overrides):
+    model = mlp()
+    params, buffers = params_and_buffers(model)
+    args = dict(params=params, buffers=buffers, batch=classification_batches(1, 4, (6,))[0],
+                loss_fn=funcsam.make_loss_fn(model, F.cross_entropy), rho=0.05, lr=0.1,
+                momentum_state=funcsam.init_momentum(params))
+    args.update(overrides)
+    return funcsam.sam_step(**args)
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(rho=-0.1), ValueError, "rho"),
+    (dict(lr=-1.0), ValueError, "lr"),
+    (dict(lr=torch.tensor(-1.0)), ValueError, "lr"),
+    (dict(lr=torch.tensor([0.1, 0.2])), ValueError, "lr must be a 0-dim"),
+    (dict(rho=float("nan")), ValueError, "rho"),
+    (dict(rho="0.05"), TypeError, "rho"),
+    (dict(momentum=-0.9), ValueError, "momentum"),
+    (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+    (dict(dampening=-0.1), ValueError, "dampening"),
+    (dict(nesterov=True), ValueError, "nesterov"),
+    (dict(nesterov=True, momentum=0.9, dampening=0.1), ValueError, "nesterov"),
+    (dict(eps=0.0), ValueError, "eps"),
+    (dict(max_grad_norm=0.0), ValueError, "max_grad_norm"),
+    (dict(loss_fn=None), TypeError, "loss_fn"),
+    (dict(momentum_state={"a": 1}), TypeError, "init_momentum"),
+    (dict(momentum_state=funcsam.init_momentum({"w": torch.zeros(2)})), ValueError, "structure"),
+    (dict(params={}), ValueError, "params is empty"),
+    (dict(sam_sync="sometimes"), ValueError, "sam_sync"),
+])
+def test_bad_input_is_rejected_with_a_message_naming_it(overrides, error, match):
+    with pytest.raises(error, match=match):
+        _call(**overrides)
+
+
+def test_make_loss_fn_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        funcsam.make_loss_fn(lambda x: x, F.cross_entropy)
+    with pytest.raises(TypeError, match="criterion"):
+        funcsam.make_loss_fn(mlp(), "cross_entropy")
