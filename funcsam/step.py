@@ -89,6 +89,89 @@ def _check_params(leaves: Sequence) -> None:
             raise TypeError(f"every leaf of params must be a floating-point tensor, got {type(leaf).__name__}")
 
 
+def _check_step_inputs(
+    params: PyTree, loss_fn: Callable, momentum_state: MomentumState, sam_sync: str, **hyperparameters
+) -> tuple[list[Tensor], Any, list[Tensor]]:
+    """Validate a step's inputs; return ``(param_leaves, spec, momentum_buffer_leaves)``."""
+    check_step_hyperparameters(**hyperparameters)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(params, buffers, batch), got {loss_fn!r}")
+    if sam_sync not in ("global", "local"):
+        raise ValueError(f"sam_sync must be 'global' or 'local', got {sam_sync!r}")
+    if not isinstance(momentum_state, MomentumState):
+        raise TypeError(
+            f"momentum_state must be a funcsam.MomentumState (from funcsam.init_momentum(params)), "
+            f"got {type(momentum_state).__name__}"
+        )
+    leaves, spec = flatten(params)
+    _check_params(leaves)
+    momentum_leaves, momentum_spec = flatten(momentum_state.momentum_buffer)
+    if momentum_spec != spec:
+        raise ValueError(
+            "momentum_state.momentum_buffer does not have the structure of params; "
+            "create it with funcsam.init_momentum(params)"
+        )
+    return leaves, spec, momentum_leaves
+
+
+def _spread_non_finite(sam_grads: list, local_grad_norm: Tensor) -> list:
+    """``sam_grads`` with NaN added where ``local_grad_norm`` is not finite (exactly unchanged otherwise).
+
+    Under ``sam_sync="local"`` each replica's first gradient, and so its norm, is its own: a replica
+    whose first gradient overflowed must skip the step on every replica, or they drift apart. Adding
+    ``0 * norm`` (0, or NaN for an inf/NaN norm) to the SAM gradient before ``grad_reduce`` carries
+    that verdict through the reduction that happens anyway, with no extra communication.
+    """
+    poison = 0.0 * local_grad_norm
+    return [sam_grads[0] + poison.to(sam_grads[0].dtype)] + list(sam_grads[1:])
+
+
+def _descend(
+    leaves: list,
+    spec,
+    sam_grads: list,
+    finite: Tensor,
+    momentum_state: MomentumState,
+    momentum_leaves: list,
+    buffers: PyTree,
+    new_buffers: PyTree,
+    lr: float | Tensor,
+    *,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    max_grad_norm: float | None,
+) -> tuple[PyTree, PyTree, MomentumState]:
+    """The descent half of every SAM step (plain, m-sharpness, accumulated), on flat leaf lists.
+
+    Clips ``sam_grads`` to ``max_grad_norm`` if given, takes the SGD step, and keeps the old params,
+    buffers and momentum state where ``finite`` (0-dim bool) is False.
+    Returns ``(params, buffers, momentum_state)`` as pytrees.
+    """
+    if max_grad_norm is not None:
+        sam_grads, _ = clip_by_global_norm(sam_grads, max_grad_norm)
+    direction, stepped_momentum = sgd_direction(
+        leaves, sam_grads, momentum_leaves,
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+        first_step=momentum_state.count == 0,
+    )
+    stepped = sgd_apply(leaves, direction, lr)
+
+    old_buffer_leaves, old_buffer_spec = flatten(buffers)
+    new_buffer_leaves, new_buffer_spec = flatten(new_buffers)
+    if new_buffer_spec != old_buffer_spec:
+        raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
+    return (
+        unflatten(spec, select(finite, stepped, leaves)),
+        unflatten(old_buffer_spec, select(finite, new_buffer_leaves, old_buffer_leaves)),
+        MomentumState(
+            momentum_buffer=unflatten(spec, select(finite, stepped_momentum, momentum_leaves)),
+            count=momentum_state.count + finite.to(momentum_state.count.dtype),
+        ),
+    )
+
+
 def _gradient_fn(loss_fn: Callable, spec, loss_scale: LossScaleState | None):
     """``(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux))`` with the loss scaled if asked.
 
@@ -166,37 +249,22 @@ def sam_step(
             the first gradient too when ``sam_sync == "global"``.
         sam_sync: ``"global"`` (the perturbation from the averaged gradient; identical to one process
             on the whole batch) or ``"local"`` (each replica perturbs with its own gradient:
-            m-sharpness with m = the per-replica batch). Only matters with ``grad_reduce``.
+            m-sharpness with m = the per-replica batch; a non-finite first gradient on any replica
+            skips the step on all of them). Only matters with ``grad_reduce``.
 
     Returns:
         :class:`SAMStepOutput`. When a gradient (either pass) is non-finite, params, buffers and
         momentum state come back unchanged, ``finite`` is False and the loss scale backs off.
     """
-    check_step_hyperparameters(
-        lr=lr, rho=rho, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-        nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
+    leaves, spec, momentum_leaves = _check_step_inputs(
+        params, loss_fn, momentum_state, sam_sync, lr=lr, rho=rho, momentum=momentum, dampening=dampening,
+        weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
     )
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(params, buffers, batch), got {loss_fn!r}")
-    if sam_sync not in ("global", "local"):
-        raise ValueError(f"sam_sync must be 'global' or 'local', got {sam_sync!r}")
-    if not isinstance(momentum_state, MomentumState):
-        raise TypeError(
-            f"momentum_state must be a funcsam.MomentumState (from funcsam.init_momentum(params)), "
-            f"got {type(momentum_state).__name__}"
-        )
-    leaves, spec = flatten(params)
-    _check_params(leaves)
-    buffer_leaves, buffer_spec = flatten(momentum_state.momentum_buffer)
-    if buffer_spec != spec:
-        raise ValueError(
-            "momentum_state.momentum_buffer does not have the structure of params; "
-            "create it with funcsam.init_momentum(params)"
-        )
 
     gradient = _gradient_fn(loss_fn, spec, loss_scale)
     grads, (loss, new_buffers, aux) = gradient(leaves, buffers, batch)
-    if grad_reduce is not None and sam_sync == "global":
+    # With rho == 0 the first gradient is the one applied, so it is reduced under either sync.
+    if grad_reduce is not None and (sam_sync == "global" or is_static_zero(rho)):
         grads = grad_reduce(grads)
     grads = _unscale(grads, loss_scale)
 
@@ -211,30 +279,21 @@ def sam_step(
         perturbed = torch._foreach_add(leaves, perturbation)
         sam_grads, _ = gradient(perturbed, buffers, batch)
         if grad_reduce is not None:
+            if sam_sync == "local":
+                sam_grads = _spread_non_finite(sam_grads, grad_norm)
             sam_grads = grad_reduce(sam_grads)
         sam_grads = _unscale(sam_grads, loss_scale)
         finite = torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
 
-    if max_grad_norm is not None:
-        sam_grads, _ = clip_by_global_norm(sam_grads, max_grad_norm)
-    direction, stepped_buffers = sgd_direction(
-        leaves, sam_grads, buffer_leaves,
+    new_params, kept_buffers, new_momentum_state = _descend(
+        leaves, spec, sam_grads, finite, momentum_state, momentum_leaves, buffers, new_buffers, lr,
         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        first_step=momentum_state.count == 0,
+        max_grad_norm=max_grad_norm,
     )
-    stepped = sgd_apply(leaves, direction, lr)
-
-    old_buffer_leaves, old_buffer_spec = flatten(buffers)
-    new_buffer_leaves, new_buffer_spec = flatten(new_buffers)
-    if new_buffer_spec != old_buffer_spec:
-        raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
     return SAMStepOutput(
-        params=unflatten(spec, select(finite, stepped, leaves)),
-        buffers=unflatten(old_buffer_spec, select(finite, new_buffer_leaves, old_buffer_leaves)),
-        momentum_state=MomentumState(
-            momentum_buffer=unflatten(spec, select(finite, stepped_buffers, buffer_leaves)),
-            count=momentum_state.count + finite.to(momentum_state.count.dtype),
-        ),
+        params=new_params,
+        buffers=kept_buffers,
+        momentum_state=new_momentum_state,
         loss=loss,
         aux=aux,
         finite=finite,
