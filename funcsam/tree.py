@@ -27,9 +27,14 @@ def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> PyTree:
 
 
 def global_norm(leaves: Sequence[Tensor]) -> Tensor:
-    """L2 norm over every element of every leaf: sqrt(sum_i ||x_i||^2), a 0-dim fp32 tensor."""
-    norms = torch._foreach_norm(list(leaves))
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    """L2 norm over every element of every leaf: sqrt(sum_i ||x_i||^2), a 0-dim tensor.
+
+    Computed in fp32 (fp64 if any leaf is fp64), whatever the leaves' own precision.
+    """
+    leaves = list(leaves)
+    dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in leaves) else torch.float32
+    norms = torch._foreach_norm(leaves)
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
 def select(condition: Tensor, if_true: Sequence[Tensor], if_false: Sequence[Tensor]) -> list[Tensor]:
