@@ -33,3 +33,11 @@ __all__ = [
     "sgd_direction",
     "update_loss_scale",
 ]
+
+# Issue 4: data parallelism, m-sharpness and gradient accumulation.
+from . import distributed
+from .accumulate import accumulated_sam_step
+from .batching import shard_batch, split_batch
+from .msharpness import m_sharpness_sam_step
+
+__all__ += ["accumulated_sam_step", "distributed", "m_sharpness_sam_step", "shard_batch", "split_batch"]

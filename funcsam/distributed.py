@@ -1,0 +1,152 @@
+"""Data-parallel SAM on ``torch.distributed``: a gradient all-reduce hook for ``sam_step`` and helpers.
+
+Every process (rank) holds the whole model, takes its contiguous shard of each global batch and
+computes its gradients; ``grad_reduce=all_reduce_mean()`` averages them across the process group::
+
+    sam_sync="global":  g = mean_r g_r;  e = rho g / ||g||;  g_sam = mean_r grad L_r(w + e)
+                        (identical to one process on the global batch, for a BatchNorm-free model)
+    sam_sync="local":   e_r = rho g_r / ||g_r||;  g_sam = mean_r grad L_r(w + e_r)
+                        (m-sharpness with m = the per-replica batch, as the SAM paper ran on TPUs)
+
+Usage, under ``torchrun --nproc_per_node N script.py``::
+
+    dp = funcsam.distributed.init_data_parallel()          # gloo on CPUs, NCCL on GPUs
+    reduce = funcsam.distributed.all_reduce_mean()
+    for global_batch in batches:                            # the same batches, same order, on every rank
+        batch = funcsam.distributed.local_shard(global_batch)
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state,
+                               grad_reduce=reduce, sam_sync="global")
+        if dp.is_main:
+            print(out.loss)                                 # only rank 0 prints and writes files
+
+The hook works with any process group (``all_reduce_mean(group)``) and with the m-sharpness and
+accumulated steps. BatchNorm statistics stay per replica unless the model is converted with
+:func:`convert_sync_batchnorm`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, NamedTuple, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from .batching import shard_batch
+from .step import GradReduce
+from .tree import Tensor
+
+
+def _require_initialized() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "torch.distributed is not initialised: call funcsam.distributed.init_data_parallel() "
+            "(or torch.distributed.init_process_group) first, e.g. under torchrun"
+        )
+
+
+def all_reduce_mean(group: dist.ProcessGroup | None = None, *, bucket_cap_mb: float | None = None) -> GradReduce:
+    """A ``grad_reduce`` hook for ``sam_step``: the mean of a flat gradient list over ``group``'s ranks.
+
+    The leaves are copied into one flat buffer per dtype (or into buckets of at most
+    ``bucket_cap_mb`` MiB each, if given) and each buffer is summed with one ``dist.all_reduce``,
+    then divided by the group size: SUM-then-divide works on every backend (gloo has no AVG).
+    Pure: the gradients passed in are not modified; the returned ones are views of the buffers.
+
+    Args:
+        group: the process group to average over (default: the whole world).
+        bucket_cap_mb: largest buffer per all-reduce; None puts every leaf of a dtype in one call.
+    """
+    _require_initialized()
+    if bucket_cap_mb is not None and not bucket_cap_mb > 0:
+        raise ValueError(f"bucket_cap_mb must be > 0 or None (one buffer per dtype), got {bucket_cap_mb}")
+    world_size = dist.get_world_size(group)
+    cap_bytes = None if bucket_cap_mb is None else int(bucket_cap_mb * 2**20)
+
+    def reduce(grads: list[Tensor]) -> list[Tensor]:
+        grads = list(grads)
+        reduced: list[Tensor | None] = [None] * len(grads)
+        for bucket in _buckets(grads, cap_bytes):
+            flat = torch.cat([grads[i].reshape(-1) for i in bucket])  # a fresh buffer: inputs stay as they were
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+            flat.div_(world_size)
+            pieces = flat.split([grads[i].numel() for i in bucket])
+            for i, piece in zip(bucket, pieces):
+                reduced[i] = piece.view(grads[i].shape)
+        return reduced
+
+    return reduce
+
+
+def _buckets(grads: Sequence[Tensor], cap_bytes: int | None) -> list[list[int]]:
+    """Indices of ``grads`` grouped by (dtype, device), each group cut into runs of at most ``cap_bytes``."""
+    groups: dict[tuple, list[list[int]]] = {}
+    for i, grad in enumerate(grads):
+        runs = groups.setdefault((grad.dtype, grad.device), [[]])
+        run_bytes = sum(grads[j].numel() * grads[j].element_size() for j in runs[-1])
+        if cap_bytes is not None and runs[-1] and run_bytes + grad.numel() * grad.element_size() > cap_bytes:
+            runs.append([])
+        runs[-1].append(i)
+    return [run for runs in groups.values() for run in runs]
+
+
+def local_shard(global_batch: Any, group: dist.ProcessGroup | None = None) -> Any:
+    """This rank's contiguous ``1/world_size`` of ``global_batch`` (see :func:`funcsam.shard_batch`).
+
+    Raises a ``ValueError`` naming both numbers when the world size does not divide the batch size.
+    """
+    _require_initialized()
+    return shard_batch(global_batch, dist.get_rank(group), dist.get_world_size(group))
+
+
+def is_main_process(group: dist.ProcessGroup | None = None) -> bool:
+    """True on rank 0 of ``group``, and in a process that is not part of any distributed run."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return True
+    return dist.get_rank(group) == 0
+
+
+class DataParallel(NamedTuple):
+    """Where this process stands in a data-parallel run.
+
+    Fields:
+        rank: this process's rank in the world, 0 .. world_size - 1.
+        world_size: the number of processes (1 when not launched by torchrun).
+        local_rank: the rank on this machine; it picks the GPU.
+        device: the device this process computes on.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone prints, writes metrics and writes checkpoints."""
+        return self.rank == 0
+
+
+def init_data_parallel(
+    backend: str | None = None, *, timeout: datetime.timedelta = datetime.timedelta(minutes=10)
+) -> DataParallel:
+    """Join the process group that ``torchrun`` describes in the environment, once per process.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; without them (a plain ``python`` run) it
+    returns a one-process :class:`DataParallel` and initialises nothing. The backend defaults to NCCL
+    when CUDA is available (each process then uses GPU ``local_rank``) and gloo otherwise.
+    """
+    cuda = torch.cuda.is_available()
+    if "WORLD_SIZE" not in os.environ:
+        return DataParallel(0, 1, 0, torch.device("cuda" if cuda else "cpu"))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    backend = backend or ("nccl" if cuda else "gloo")
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return DataParallel(rank, world_size, local_rank, device)
