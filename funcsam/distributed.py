@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+import torch.nn as nn
 
 from .batching import shard_batch
 from .step import GradReduce
@@ -150,3 +150,120 @@ def init_data_parallel(
     if not dist.is_initialized():
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     return DataParallel(rank, world_size, local_rank, device)
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training-mode statistics are those of the global batch, across ``process_group``.
+
+    Unlike ``torch.nn.SyncBatchNorm`` (CUDA only, and an autograd.Function that torch.func cannot
+    differentiate), it runs on any device and backend, including gloo on CPUs, under ``torch.func.grad``:
+    each rank contributes ``(mean_r, var_r, n_r)`` of its shard through an all-gather that
+    torch.autograd can differentiate, and the global statistics are
+
+        n = sum_r n_r,   mean = sum_r n_r mean_r / n,   var = sum_r n_r (var_r + (mean_r - mean)^2) / n
+
+    Normalisation uses ``var`` (biased); the running variance is updated with ``var * n / (n - 1)``,
+    as BatchNorm does on one process with the global batch. In eval mode, or without an initialised
+    process group of more than one rank, it is ordinary BatchNorm. Build it with
+    :func:`convert_sync_batchnorm`.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.process_group = process_group
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of shape (N, C, ...), got {tuple(input.shape)}")
+
+    def forward(self, input: Tensor) -> Tensor:
+        synchronise = (
+            self.training and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+        if not synchronise:
+            return super().forward(input)
+        self._check_input_dim(input)
+        mean, var, count = _global_batch_statistics(input, self.process_group)
+        if self.training and self.track_running_stats:
+            self._update_running_statistics(mean.detach(), var.detach(), count)
+        shape = (1, -1) + (1,) * (input.dim() - 2)
+        output = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            output = output * self.weight.view(shape) + self.bias.view(shape)
+        return output
+
+    def _update_running_statistics(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
+        self.num_batches_tracked.add_(1)
+        # momentum=None is BatchNorm's cumulative average; kept as a tensor so that nothing syncs.
+        factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
+        unbiased = var * count / (count - 1).clamp(min=1)
+        self.running_mean.mul_(1 - factor).add_(factor * mean.to(self.running_mean.dtype))
+        self.running_var.mul_(1 - factor).add_(factor * unbiased.to(self.running_var.dtype))
+
+
+def _global_batch_statistics(input: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean, biased var, n)`` per channel over every rank's ``input``, differentiable across ranks."""
+    dims = [0] + list(range(2, input.dim()))
+    x = input.float()
+    local_count = torch.full((1,), input.numel() // input.shape[1], dtype=x.dtype, device=x.device)
+    local = torch.cat([x.mean(dims), x.var(dims, unbiased=False), local_count])
+    gathered = _AllGather.apply(local, group)
+    channels = input.shape[1]
+    means, variances, counts = gathered[:, :channels], gathered[:, channels:-1], gathered[:, -1:]
+    count = counts.sum()
+    mean = (counts * means).sum(0) / count
+    var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
+    return mean.to(input.dtype), var.to(input.dtype), count
+
+
+def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
+    """``module`` with every BatchNorm layer replaced by a :class:`SyncBatchNorm` sharing its
+    parameters and buffers (names unchanged, so checkpoints load either way). Like
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, containers are modified in place and returned.
+
+    Use it for ``sam_step``/``accumulated_sam_step`` under data parallelism; not with
+    ``m_sharpness_sam_step``, whose parts are BatchNorm groups by design (and collectives do not run
+    under vmap).
+    """
+    converted = module
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, SyncBatchNorm):
+        converted = SyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                                  module.track_running_stats, process_group)
+        if module.affine:
+            converted.weight, converted.bias = module.weight, module.bias
+        if module.track_running_stats:
+            converted.running_mean, converted.running_var = module.running_mean, module.running_var
+            converted.num_batches_tracked = module.num_batches_tracked
+        converted.train(module.training)
+    for name, child in module.named_children():
+        converted.add_module(name, convert_sync_batchnorm(child, process_group))
+    return converted
+
+
+class _AllGather(torch.autograd.Function):
+    """``(world_size, *local.shape)``: every rank's ``local`` stacked in rank order.
+
+    Backward: rank r's statistics feed every rank's loss, so their gradient is the sum over ranks
+    of each rank's gradient for row r (an all-reduce of the whole, small, gradient). Written with
+    ``setup_context`` because torch.func transforms accept only that form of autograd.Function
+    (``torch.nn.SyncBatchNorm``'s and the functional collectives' autograd are of the older form).
+    """
+
+    @staticmethod
+    def forward(local: Tensor, group: dist.ProcessGroup | None) -> Tensor:
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local.contiguous(), group=group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        summed = grad.contiguous().clone()
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=ctx.group)
+        return summed[dist.get_rank(ctx.group)], None

@@ -86,7 +86,17 @@ def first(out_dir, reduce):
         bn_params, bn_buffers, fd.local_shard(images), bn_loss_fn, RHO, LR, funcsam.init_momentum(bn_params),
         grad_reduce=reduce,
     ).buffers
+    sync_model = fd.convert_sync_batchnorm(bn_convnet())
+    sync_loss_fn = funcsam.make_loss_fn(sync_model, F.cross_entropy)
+    result["sync_bn"] = run(
+        bn_params, bn_buffers, funcsam.init_momentum(bn_params), sync_loss_fn,
+        [fd.local_shard(batch) for batch in bn_global_batches()], grad_reduce=reduce, sam_sync="global",
+    )[:2]
     return result
+
+
+def bn_global_batches():
+    return classification_batches(2, GLOBAL_BATCH, (3, 6, 6), seed=2)
 
 
 def resume(out_dir, reduce):

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import funcsam
 import funcsam.distributed as fd
-from helpers import assert_trees_close, mlp, params_and_buffers, reference_sam_sgd
+from helpers import assert_trees_close, bn_convnet, mlp, params_and_buffers, reference_sam_sgd
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dp_worker  # noqa: E402  (the worker's data and hyperparameters are the reference's too)
@@ -155,6 +155,33 @@ def test_batchnorm_statistics_stay_per_replica(runs):
     mean0 = first[0]["bn_local_buffers"]["1.running_mean"]
     mean1 = first[1]["bn_local_buffers"]["1.running_mean"]
     assert not torch.allclose(mean0, mean1)
+
+
+@pytest.mark.slow
+def test_sync_batchnorm_with_global_sync_equals_one_process_on_the_full_batch(runs):
+    _, first, _, _ = runs
+    model = bn_convnet()
+    params, buffers = params_and_buffers(model)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    state = funcsam.init_momentum(params)
+    for batch in dp_worker.bn_global_batches():
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, dp_worker.RHO, dp_worker.LR, state, **dp_worker.HYPER)
+        params, buffers, state = out.params, out.buffers, out.momentum_state
+    for rank in range(WORLD):
+        got_params, got_buffers = first[rank]["sync_bn"]
+        assert_trees_close(got_params, params, atol=1e-5)
+        assert_trees_close(got_buffers, buffers, atol=1e-5)
+
+
+def test_sync_batchnorm_is_plain_batchnorm_in_one_process():
+    model = bn_convnet()
+    converted = fd.convert_sync_batchnorm(copy.deepcopy(model))
+    assert isinstance(converted[1], fd.SyncBatchNorm)
+    assert dict(converted.named_parameters()).keys() == dict(model.named_parameters()).keys()
+    assert dict(converted.named_buffers()).keys() == dict(model.named_buffers()).keys()
+    inputs = torch.randn(8, 3, 6, 6)
+    torch.testing.assert_close(converted(inputs), model(inputs))
+    assert_trees_close(params_and_buffers(converted)[1], params_and_buffers(model)[1], atol=0)
 
 
 @pytest.mark.slow
