@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple, Sequence
 
+import optree
 import torch
 
 from .clipping import clip_by_global_norm
@@ -192,10 +193,35 @@ def _gradient_fn(loss_fn: Callable, spec, loss_scale: LossScaleState | None):
     grad_fn = torch.func.grad(scaled_loss, has_aux=True)
 
     def gradient(leaves, buffers, batch):
-        grads, (loss, new_buffers, aux_leaves) = grad_fn(leaves, buffers, batch)
+        if _traced_or_transformed():
+            grads, (loss, new_buffers, aux_leaves) = grad_fn(leaves, buffers, batch)
+        else:
+            grads, (loss, new_buffers, aux_leaves) = _eager_grad(scaled_loss, leaves, buffers, batch)
         return grads, (loss, new_buffers, unflatten(aux_spec["spec"], aux_leaves))
 
     return gradient
+
+
+def _traced_or_transformed() -> bool:
+    """True under torch.compile or inside a torch.func transform (vmap, grad, ...)."""
+    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+
+
+def _eager_grad(scaled_loss: Callable, leaves: list, buffers, batch):
+    """What ``torch.func.grad(scaled_loss, has_aux=True)`` returns, by plain reverse-mode autograd.
+
+    Outside any transform the two are the same computation, but ``torch.func.grad`` always records
+    the backward for higher-order differentiation (``create_graph=True``) and routes every op
+    through its wrapper layer, which costs about a third of a pass on a CPU ResNet-20. Inputs stay
+    untouched: the leaves that require grad are fresh detached aliases.
+    """
+    with torch.enable_grad():
+        differentiable = [leaf.detach().requires_grad_() for leaf in leaves]
+        scaled, (loss, new_buffers, aux_leaves) = scaled_loss(differentiable, buffers, batch)
+        grads = torch.autograd.grad(scaled, differentiable, allow_unused=True)
+    grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
+    detach = lambda tree: optree.tree_map(torch.Tensor.detach, tree)  # noqa: E731
+    return grads, (loss, detach(new_buffers), detach(aux_leaves))
 
 
 def _unscale(grads: list, loss_scale: LossScaleState | None) -> list:
