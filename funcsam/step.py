@@ -30,7 +30,7 @@ from .hyperparameters import check_step_hyperparameters, is_static_zero
 from .loss_scale import LossScaleState, update_loss_scale
 from .perturbation import perturbation_and_norm
 from .sgd import sgd_apply, sgd_direction
-from .tree import PyTree, Tensor, flatten, global_norm, select, unflatten
+from .tree import PyTree, Tensor, flatten, global_norm, same_structure, select, unflatten
 
 GradReduce = Callable[[list], list]
 
@@ -107,7 +107,7 @@ def _check_step_inputs(
     leaves, spec = flatten(params)
     _check_params(leaves)
     momentum_leaves, momentum_spec = flatten(momentum_state.momentum_buffer)
-    if momentum_spec != spec:
+    if not same_structure(momentum_spec, spec):
         raise ValueError(
             "momentum_state.momentum_buffer does not have the structure of params; "
             "create it with funcsam.init_momentum(params)"
@@ -161,7 +161,7 @@ def _descend(
 
     old_buffer_leaves, old_buffer_spec = flatten(buffers)
     new_buffer_leaves, new_buffer_spec = flatten(new_buffers)
-    if new_buffer_spec != old_buffer_spec:
+    if not same_structure(new_buffer_spec, old_buffer_spec):
         raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
     return (
         unflatten(spec, select(finite, stepped, leaves)),

@@ -26,6 +26,15 @@ def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> PyTree:
     return optree.tree_unflatten(spec, list(leaves))
 
 
+def same_structure(spec: optree.PyTreeSpec, other: optree.PyTreeSpec) -> bool:
+    """Whether two treespecs are equal; always True under torch.compile.
+
+    The check gives eager calls a clear message for mismatched pytrees. Some torch releases (2.11)
+    cannot trace ``PyTreeSpec.__eq__``, so compiled calls skip it (run one step eagerly to get the message).
+    """
+    return torch.compiler.is_compiling() or spec == other
+
+
 def global_norm(leaves: Sequence[Tensor]) -> Tensor:
     """L2 norm over every element of every leaf: sqrt(sum_i ||x_i||^2), a 0-dim tensor.
 
