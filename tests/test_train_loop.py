@@ -1,0 +1,107 @@
+"""The training loop end to end on the synthetic set: both APIs, compile + AMP, reproducibility,
+learnability, outputs and the plot."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+import train.cifar10 as cifar10
+from train import plot
+from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+
+def tiny_args(out: Path, *extra: str) -> list[str]:
+    return ["--dataset", "synthetic", "--model", "tiny", "--synthetic-size", "640", "--batch-size", "64",
+            "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu", "--out", str(out), *extra]
+
+
+def final_params(out: Path) -> dict:
+    return load_checkpoint(out / CHECKPOINT_NAME)["params"]
+
+
+def test_functional_and_adapter_apis_take_the_same_steps(tmp_path):
+    """sam_step and SAMSGD (with model=, so BN keeps first-pass statistics) compute the same SAM."""
+    for api in ("functional", "adapter"):
+        assert cifar10.main(tiny_args(tmp_path / api, "--api", api)) == 0
+    functional, adapter = final_params(tmp_path / "functional"), final_params(tmp_path / "adapter")
+    for name in functional:
+        # Same math, different summation order: 20 SAM steps agree to float32 round-off.
+        torch.testing.assert_close(functional[name], adapter[name], rtol=1e-3, atol=1e-4)
+
+
+def test_sgd_takes_a_different_path_than_sam(tmp_path):
+    assert cifar10.main(tiny_args(tmp_path / "sam")) == 0
+    assert cifar10.main(tiny_args(tmp_path / "sgd", "--optim", "sgd")) == 0
+    assert not torch.equal(final_params(tmp_path / "sam")["fc.weight"], final_params(tmp_path / "sgd")["fc.weight"])
+    assert json.loads((tmp_path / "sgd" / "args.json").read_text())["rho"] == 0.0
+
+
+def test_same_seed_same_result_other_seed_other_result(tmp_path):
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert cifar10.main(tiny_args(tmp_path / name, "--seed", seed, "--cutout")) == 0
+    a, b, c = (final_params(tmp_path / n) for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["fc.weight"], c["fc.weight"])
+
+
+def test_synthetic_set_is_learnable_well_above_chance(tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(out, "--synthetic-size", "3200", "--epochs", "4")
+    assert cifar10.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_acc"] > 0.4, summary  # chance is 0.1
+
+
+def test_outputs_metrics_args_summary_and_plot(tmp_path):
+    assert cifar10.main(tiny_args(tmp_path / "sam")) == 0
+    assert cifar10.main(tiny_args(tmp_path / "sgd", "--optim", "sgd", "--api", "adapter")) == 0
+    rows = [json.loads(line) for line in (tmp_path / "sam" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "train_acc", "test_loss", "test_acc", "lr", "seconds", "images_per_s"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    assert json.loads((tmp_path / "sam" / "args.json").read_text())["model"] == "tiny"
+    summary = json.loads((tmp_path / "sam" / "summary.json").read_text())
+    assert summary["final_test_acc"] == rows[-1]["test_acc"] and summary["epochs"] == 2
+    png = tmp_path / "sam_vs_sgd.png"
+    assert plot.main([str(tmp_path / "sam"), str(tmp_path / "sgd"), "-o", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
+    lrs = [cifar10.learning_rate(s, 100, 10, 0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert lrs[10] == pytest.approx(0.1)
+    assert lrs[55] == pytest.approx(0.05)  # halfway through the cosine
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:])) and lrs[-1] < 1e-4
+
+
+@pytest.mark.parametrize("api", ["functional", "adapter"])
+def test_fp16_with_dynamic_loss_scaling_runs(tmp_path, api):
+    out = tmp_path / api
+    assert cifar10.main(tiny_args(out, "--amp", "fp16", "--api", api, "--limit-steps", "2", "--batch-size", "16")) == 0
+    saved = load_checkpoint(out / CHECKPOINT_NAME)
+    assert all(torch.isfinite(p).all() for p in saved["params"].values())
+    if api == "functional":
+        scale = saved["optimizer"]["loss_scale"][0]  # LossScaleState.scale is its first field
+        assert scale.item() in (2.0**16, 2.0**15, 2.0**14)
+    else:
+        assert saved["optimizer"]["grad_scaler"]["scale"] > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optim", ["sam", "sgd"])
+def test_compiled_amp_run_compiles_once_and_never_recompiles(tmp_path, optim):
+    """Whole step (both passes + update) and eval step: one graph each across steps and epochs,
+    while the learning rate changes every step."""
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / optim
+    args = tiny_args(out, "--compile", "--amp", "--optim", optim, "--epochs", "3", "--limit-steps", "3")
+    assert cifar10.main(args) == 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # train step + eval step
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["lr"] for r in rows}) == 3 and all(r["train_loss"] == r["train_loss"] for r in rows)
