@@ -1,0 +1,47 @@
+"""The trainer's command line: documented flags, the recipe's defaults, bad values refused."""
+
+import pytest
+
+import train.cifar10 as cifar10
+
+FLAGS = ["--model", "--optim", "--rho", "--adaptive", "--api", "--epochs", "--batch-size", "--lr", "--momentum",
+         "--weight-decay", "--nesterov", "--warmup-epochs", "--label-smoothing", "--cutout", "--compile", "--amp",
+         "--device", "--dataset", "--synthetic-size", "--data-dir", "--out", "--resume", "--seed", "--limit-steps"]
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in FLAGS:
+        assert flag in text, flag
+    for model in ("resnet20", "resnet56", "wrn28_2", "wrn28_10", "resnext29_32x4d"):
+        assert model in text
+
+
+def test_defaults_are_the_original_recipe():
+    args = cifar10.parse_args([])
+    assert (args.model, args.optim, args.rho, args.api) == ("resnet20", "sam", 0.05, "functional")
+    assert (args.epochs, args.batch_size, args.lr, args.momentum, args.weight_decay) == (200, 128, 0.1, 0.9, 5e-4)
+    assert (args.warmup_epochs, args.nesterov, args.cutout, args.amp, args.compile) == (5, False, False, None, False)
+
+
+def test_bare_amp_means_bf16():
+    assert cifar10.parse_args(["--amp"]).amp == "bf16"
+    assert cifar10.parse_args(["--amp", "fp16"]).amp == "fp16"
+
+
+@pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "0"], ["--limit-steps", "0"],
+                                  ["--epochs", "3"], ["--model", "resnet18"]])
+def test_bad_values_exit_2_with_a_reason(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.parse_args(argv)
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cuda_asked_for_without_a_gpu_is_a_usage_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(cifar10.torch.cuda, "is_available", lambda: False)
+    assert cifar10.main(["--device", "cuda", "--dataset", "synthetic", "--out", str(tmp_path)]) == 2
+    assert "--device cpu" in capsys.readouterr().err
