@@ -148,7 +148,9 @@ def init_data_parallel(
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        # Naming the device binds NCCL's communicator to this rank's GPU from the start.
+        device_id = device if device.type == "cuda" else None
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device_id)
     return DataParallel(rank, world_size, local_rank, device)
 
 

@@ -38,7 +38,7 @@ from .loss_scale import LossScaleState, update_loss_scale
 from .perturbation import perturbation_and_norm
 from .step import (
     GradReduce, MomentumState, SAMStepOutput, _check_step_inputs, _descend, _gradient_fn,
-    _spread_non_finite, _unscale,
+    _spread_non_finite, _unscale, sam_step,
 )
 from .tree import PyTree, Tensor, flatten, global_norm, unflatten
 
@@ -69,8 +69,9 @@ def m_sharpness_sam_step(
     Pure, like :func:`funcsam.sam_step`, and takes the same arguments plus ``m``:
 
     Args:
-        m: the number of parts K (the name follows the issue's ``m=K``; each part holds
-            ``B / K`` examples). It must divide the batch size B. ``m=1`` is :func:`funcsam.sam_step`.
+        m: the number of parts K (each part holds ``B / K`` examples); it must divide the batch
+            size B. ``m=1`` calls :func:`funcsam.sam_step` (with ``sam_sync="local"``), which
+            computes the same step without vmap's overhead.
         batch: a pytree of tensors with a common leading batch dimension, e.g. ``(inputs, targets)``;
             part k is rows ``k*B/K .. (k+1)*B/K - 1``.
         loss_fn: as for ``sam_step``; it sees one part at a time (under ``torch.func.vmap``), so it
@@ -89,12 +90,26 @@ def m_sharpness_sam_step(
         ``finite`` False, with the step skipped, when any part's gradient was non-finite.
         ``buffers`` follow the BatchNorm semantics in the module docstring.
     """
+    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
+        raise ValueError(f"m (the number of m-sharpness parts) must be a positive int, got {m!r}")
+    hyperparameters = dict(
+        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, adaptive=adaptive,
+        eta=eta, eps=eps, max_grad_norm=max_grad_norm, loss_scale=loss_scale, grad_reduce=grad_reduce,
+    )
+    if m == 1:
+        return sam_step(params, buffers, batch, loss_fn, rho, lr, momentum_state, sam_sync="local", **hyperparameters)
+    return _vmapped_m_sharpness_step(params, buffers, batch, loss_fn, rho, lr, momentum_state, m=m, **hyperparameters)
+
+
+def _vmapped_m_sharpness_step(
+    params, buffers, batch, loss_fn, rho, lr, momentum_state, *, m, momentum, dampening, weight_decay, nesterov,
+    adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce,
+) -> SAMStepOutput:
+    """:func:`m_sharpness_sam_step` for any ``m >= 1``, always through vmap."""
     leaves, spec, momentum_leaves = _check_step_inputs(
         params, loss_fn, momentum_state, "local", lr=lr, rho=rho, momentum=momentum, dampening=dampening,
         weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
     )
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise ValueError(f"m (the number of m-sharpness parts) must be a positive int, got {m!r}")
     parts = stack_parts(batch, m)
     buffer_leaves, buffer_spec = flatten(buffers)
     # Each part updates its own copy of the running statistics in place (BatchNorm writes into the
