@@ -123,3 +123,20 @@ def test_bad_micro_batches_are_rejected_with_a_clear_error():
         run_accumulated(model, [batch], lambda b: [], 0.05, 0.1)
     with pytest.raises(ValueError, match="disagree on the batch size"):
         run_accumulated(model, [batch], lambda b: [(b[0], b[1][:3])], 0.05, 0.1)
+
+
+@pytest.mark.slow
+def test_traces_whole_under_torch_compile_and_equals_eager():
+    # backend="eager": Dynamo must capture the whole step in one graph (fullgraph); inductor's
+    # code generation is what the sam_step compile tests cover, and would cost ~20 s more here.
+    torch._dynamo.reset()
+    model = bn_convnet()
+    batch = classification_batches(1, 8, (3, 6, 6))[0]
+    params, buffers = params_and_buffers(model)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    args = (params, buffers, funcsam.split_batch(batch, 2), loss_fn, torch.tensor(0.05), torch.tensor(0.1),
+            funcsam.init_momentum(params))
+    eager = funcsam.accumulated_sam_step(*args, momentum=0.9)
+    compiled = torch.compile(funcsam.accumulated_sam_step, fullgraph=True, backend="eager")(*args, momentum=0.9)
+    assert_trees_close(compiled.params, eager.params, atol=1e-5)
+    assert_trees_close(compiled.buffers, eager.buffers, atol=1e-5)

@@ -164,3 +164,19 @@ def test_m_that_does_not_divide_the_batch_is_rejected():
         run_m_sharpness(model, [batch], 4, 0.05, 0.1)
     with pytest.raises(ValueError, match="positive int"):
         run_m_sharpness(model, [batch], 0, 0.05, 0.1)
+
+
+@pytest.mark.slow
+def test_traces_whole_under_torch_compile_and_equals_eager():
+    # backend="eager": Dynamo must capture the whole step in one graph (fullgraph); inductor's
+    # code generation is what the sam_step compile tests cover, and would cost ~20 s more here.
+    torch._dynamo.reset()
+    model = bn_convnet()
+    batch = classification_batches(1, 8, (3, 6, 6))[0]
+    params, buffers = params_and_buffers(model)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    args = (params, buffers, batch, loss_fn, torch.tensor(0.05), torch.tensor(0.1), funcsam.init_momentum(params))
+    eager = funcsam.m_sharpness_sam_step(*args, m=2, momentum=0.9)
+    compiled = torch.compile(funcsam.m_sharpness_sam_step, fullgraph=True, backend="eager")(*args, m=2, momentum=0.9)
+    assert_trees_close(compiled.params, eager.params, atol=1e-5)
+    assert_trees_close(compiled.buffers, eager.buffers, atol=1e-5)
