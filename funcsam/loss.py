@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call
 
-from .tree import Tensor
+from .tree import Tensor, clone_all
 
 LossFn = Callable[[dict, dict, Any], "tuple[Tensor, tuple[dict, Any]]"]
 
@@ -44,7 +44,7 @@ def make_loss_fn(
         inputs, targets = batch
         # functional_call writes BatchNorm's in-place running-stat updates into the tensors it is
         # given: hand it clones so that the caller's buffers stay as they were.
-        new_buffers = {name: buffer.clone() for name, buffer in buffers.items()}
+        new_buffers = dict(zip(buffers.keys(), clone_all(list(buffers.values()))))
         autocast = (
             torch.autocast(device_type=inputs.device.type, dtype=autocast_dtype)
             if autocast_dtype is not None

@@ -26,7 +26,7 @@ from .clipping import clip_by_global_norm
 from .hyperparameters import check_step_hyperparameters, is_static_zero
 from .perturbation import ascent_direction, sam_perturbation
 from .sgd import sgd_apply, sgd_direction
-from .tree import Tensor, global_norm, select
+from .tree import Tensor, clone_all, global_norm, select
 
 
 class SAMSGD(torch.optim.Optimizer):
@@ -122,14 +122,12 @@ class SAMSGD(torch.optim.Optimizer):
             return loss
         params = [p for _, group_params in groups for p in group_params]
         inverse_scale = _inverse_scale(grad_scaler)
-        grads = _unscaled_grads(params, inverse_scale)
 
         if all(is_static_zero(group["rho"]) for group, _ in groups):
-            grad_norm = global_norm(grads)
-            finite = torch.isfinite(grad_norm)
-            sam_grads = grads
+            sam_grads = _unscaled_grads(params, inverse_scale)
+            finite = torch.isfinite(global_norm(sam_grads))
         else:
-            grad_norm, sam_grads = self._second_pass(closure, groups, params, grads, inverse_scale)
+            grad_norm, sam_grads = self._second_pass(closure, groups, params, inverse_scale)
             finite = torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
 
         if self.max_grad_norm is not None:
@@ -145,12 +143,18 @@ class SAMSGD(torch.optim.Optimizer):
             _record_found_inf(grad_scaler, self, finite)
         return loss
 
-    def _second_pass(self, closure, groups, params, grads, inverse_scale):
-        """Move to w + e, re-evaluate, move back to w exactly; returns (||g||, g_sam)."""
-        direction, normed = ascent_direction(grads, params, adaptive=self.adaptive, eta=self.eta)
+    def _second_pass(self, closure, groups, params, inverse_scale):
+        """Move to w + e, re-evaluate, move back to w exactly; returns (||g||, g_sam).
+
+        Extra memory: one copy of the parameters (to come back to w bit for bit). No reference to
+        the first gradients is held across the second closure, so its ``zero_grad`` frees them.
+        """
+        direction, normed = ascent_direction(
+            _unscaled_grads(params, inverse_scale), params, adaptive=self.adaptive, eta=self.eta
+        )
         grad_norm = global_norm(normed)
-        unperturbed = [p.detach().clone() for p in params]
-        first_pass_buffers = _snapshot_buffers(self.model)
+        unperturbed = clone_all(params)
+        first_pass_buffers = None if self.model is None else clone_all(list(self.model.buffers()))
         start = 0
         for group, group_params in groups:
             end = start + len(group_params)
@@ -193,9 +197,7 @@ class SAMSGD(torch.optim.Optimizer):
         if momentum != 0:
             for state, buffer in zip(states, select(finite, new_buffers, buffers)):
                 state["momentum_buffer"] = buffer
-        increment = finite.to(torch.int64)
-        for state in states:
-            state["step"] = state["step"] + increment
+        torch._foreach_add_([state["step"] for state in states], finite.to(torch.int64))
 
 
 def _evaluate(closure: Callable[[], Tensor]) -> Tensor:
@@ -230,12 +232,6 @@ def _record_found_inf(grad_scaler: torch.amp.GradScaler, optimizer: SAMSGD, fini
     found_inf = (~finite).to(torch.float32)
     state["found_inf_per_device"] = {found_inf.device: found_inf}
     state["stage"] = OptState.STEPPED
-
-
-def _snapshot_buffers(model: torch.nn.Module | None) -> list | None:
-    if model is None:
-        return None
-    return [b.clone() for b in model.buffers()]
 
 
 def _restore_buffers(model: torch.nn.Module | None, snapshot: list | None) -> None:

@@ -30,7 +30,7 @@ from .hyperparameters import check_step_hyperparameters, is_static_zero
 from .loss_scale import LossScaleState, update_loss_scale
 from .perturbation import perturbation_and_norm
 from .sgd import sgd_apply, sgd_direction
-from .tree import PyTree, Tensor, flatten, global_norm, same_structure, select, unflatten
+from .tree import PyTree, Tensor, flatten, global_norm, same_structure, select, traced_or_transformed, unflatten
 
 GradReduce = Callable[[list], list]
 
@@ -193,18 +193,13 @@ def _gradient_fn(loss_fn: Callable, spec, loss_scale: LossScaleState | None):
     grad_fn = torch.func.grad(scaled_loss, has_aux=True)
 
     def gradient(leaves, buffers, batch):
-        if _traced_or_transformed():
+        if traced_or_transformed():
             grads, (loss, new_buffers, aux_leaves) = grad_fn(leaves, buffers, batch)
         else:
             grads, (loss, new_buffers, aux_leaves) = _eager_grad(scaled_loss, leaves, buffers, batch)
         return grads, (loss, new_buffers, unflatten(aux_spec["spec"], aux_leaves))
 
     return gradient
-
-
-def _traced_or_transformed() -> bool:
-    """True under torch.compile or inside a torch.func transform (vmap, grad, ...)."""
-    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
 
 
 def _eager_grad(scaled_loss: Callable, leaves: list, buffers, batch):

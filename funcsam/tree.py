@@ -46,6 +46,20 @@ def global_norm(leaves: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
+def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached copies of ``tensors``, made with one multi-tensor kernel per dtype where the device has one."""
+    tensors = [t.detach() for t in tensors]
+    # foreach kernels have no vmap batching rule, and bool * 1 would promote to int64.
+    if not tensors or traced_or_transformed() or any(t.dtype == torch.bool for t in tensors):
+        return [t.clone() for t in tensors]
+    return torch._foreach_mul(tensors, 1)
+
+
+def traced_or_transformed() -> bool:
+    """True under torch.compile or inside a torch.func transform (vmap, grad, ...)."""
+    return torch.compiler.is_compiling() or torch._C._functorch.maybe_current_level() is not None
+
+
 def select(condition: Tensor, if_true: Sequence[Tensor], if_false: Sequence[Tensor]) -> list[Tensor]:
     """Leafwise ``torch.where(condition, a, b)`` for a 0-dim bool ``condition``.
 

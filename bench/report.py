@@ -1,0 +1,94 @@
+"""Interleaved step-time report: every variant runs once per round, so drift hits all alike.
+
+    python -m bench.report [--rounds 15] [--batch-size 128] [--device cpu|cuda] [--skip-compiled]
+
+Prints a markdown table of median step times and the ratios the project tracks, and, on CUDA, the
+peak-memory overhead of SAMSGD over torch.optim.SGD in parameter copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bench.steps import VARIANTS, make_problem, samsgd_step, torch_sgd_step
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(steps: dict, rounds: int, warmup: int, device: str) -> dict[str, list[float]]:
+    for name, step in steps.items():
+        start = time.perf_counter()
+        for _ in range(warmup):
+            step()
+        _sync(device)
+        print(f"  warm-up {name}: {time.perf_counter() - start:.1f} s", flush=True)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def peak_memory_overhead(model, batch) -> float:
+    """(peak of a SAMSGD step - peak of an SGD step) / bytes of the parameters, on CUDA."""
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    peaks = {}
+    for name, make in (("sgd", torch_sgd_step), ("samsgd", samsgd_step)):
+        step = make(model, batch)
+        step()  # momentum buffers exist from here on, as in training
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        peaks[name] = torch.cuda.max_memory_allocated() - base
+        del step
+    return (peaks["samsgd"] - peaks["sgd"]) / param_bytes
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-compiled", action="store_true", help="eager variants only (no 2-minute compiles)")
+    args = parser.parse_args(argv)
+
+    model, batch = make_problem(args.batch_size, args.device)
+    names = [n for n in VARIANTS if not (args.skip_compiled and "compiled" in n)]
+    steps = {name: VARIANTS[name](model, batch) for name in names}
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"ResNet-20, batch {args.batch_size}, {args.rounds} interleaved rounds", flush=True)
+    times = time_interleaved(steps, args.rounds, args.warmup, args.device)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    base = median["torch.optim.SGD (eager)"]
+
+    print("\n| step | median ms | × eager torch.optim.SGD |")
+    print("| --- | ---: | ---: |")
+    for name in names:
+        print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / base:.3f} |")
+    print()
+    print(f"SAMSGD / SGD (eager): {median['SAMSGD (eager)'] / base:.3f}   (goal <= 2.00)")
+    print(f"sam_step eager / SGD (eager): {median['sam_step (eager)'] / base:.3f}   (goal <= 2.05)")
+    if not args.skip_compiled:
+        compiled_sgd = median["SGD via sam_step rho=0 (compiled)"]
+        print(f"sam_step compiled / SGD compiled: {median['sam_step (compiled)'] / compiled_sgd:.3f}   (goal <= 2.02)")
+        print(f"sam_step compiled / SGD eager: {median['sam_step (compiled)'] / base:.3f}   (goal <= 1.5)")
+    if args.device == "cuda":
+        print(f"SAMSGD peak memory over SGD: {peak_memory_overhead(model, batch):.2f} parameter copies   (goal <= 1)")
+
+
+if __name__ == "__main__":
+    main()
