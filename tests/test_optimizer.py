@@ -213,3 +213,28 @@ def test_bad_param_group_is_rejected_and_leaves_the_optimizer_intact():
     with pytest.raises(ValueError, match="rho"):
         optimizer.add_param_group({"params": model[2].parameters(), "rho": -1.0})
     assert len(optimizer.param_groups) == 1
+
+
+def test_first_gradients_are_freed_before_the_second_pass():
+    """SAMSGD's extra memory is one parameter copy: nothing keeps the first gradients alive."""
+    import gc
+    import weakref
+
+    model = mlp()
+    optimizer = funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, model=model)
+    inputs, targets = classification_batches(1, 8, (6,))[0]
+    first_grads = []
+
+    def closure():
+        optimizer.zero_grad(set_to_none=True)
+        if first_grads:
+            gc.collect()
+            assert all(ref() is None for ref in first_grads), "a first-pass gradient outlived zero_grad"
+        loss = F.cross_entropy(model(inputs), targets)
+        loss.backward()
+        if not first_grads:
+            first_grads.extend(weakref.ref(p.grad) for p in model.parameters())
+        return loss
+
+    optimizer.step(closure)
+    assert bool(optimizer.last_step_finite)
