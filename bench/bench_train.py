@@ -1,0 +1,102 @@
+"""End-to-end training throughput of ``python -m train.cifar10`` (images/s), interleaved.
+
+Every configuration is a real trainer run in its own process (data on the device, augmentation,
+both SAM passes, the update, the per-epoch eval and checkpoint), on the synthetic set so it runs
+offline. Throughput is training images over training seconds of the epochs after the first (the
+first includes torch.compile's compilation and warm-up), in wall time (images/s) and in the
+process's CPU time (images per CPU-second, summed over its threads: on a shared machine this
+counts the work done and not the waits for other tenants). Configurations are interleaved round by
+round so that a noisy neighbour or thermal drift hits them all alike; the report takes medians.
+
+    python -m bench.bench_train --model resnet20 --rounds 2 --steps 10 --out bench/results/train_cpu.json
+    python -m bench.report_train bench/results/train_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> trainer flags. "adapter" is the closure-style SAMSGD path (eager): the baseline that the
+# compiled functional step is measured against.
+CONFIGS = {
+    "sam-adapter-eager": ["--optim", "sam", "--api", "adapter"],
+    "sam-functional-eager": ["--optim", "sam", "--api", "functional"],
+    "sam-functional-compiled": ["--optim", "sam", "--api", "functional", "--compile"],
+    "sgd-adapter-eager": ["--optim", "sgd", "--api", "adapter"],
+    "sgd-functional-eager": ["--optim", "sgd", "--api", "functional"],
+    "sgd-functional-compiled": ["--optim", "sgd", "--api", "functional", "--compile"],
+}
+
+
+def run_trainer(flags: list[str], model: str, steps: int, epochs: int, batch_size: int, device: str,
+                extra: list[str]) -> dict:
+    """One trainer run; returns its steady-state images/s and per-epoch rows."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [
+            sys.executable, "-m", "train.cifar10", "--dataset", "synthetic", "--model", model,
+            "--synthetic-size", str(steps * batch_size), "--batch-size", str(batch_size),
+            "--epochs", str(epochs), "--warmup-epochs", "1", "--limit-steps", str(steps),
+            "--device", device, "--out", out, *flags, *extra,
+        ]
+        started = time.perf_counter()
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    steady = rows[1:]
+    images = sum(r["images_per_s"] * r["train_seconds"] for r in steady)
+    return dict(
+        images_per_s=images / sum(r["train_seconds"] for r in steady),
+        images_per_cpu_s=images / sum(r["train_cpu_seconds"] for r in steady),
+        first_epoch_seconds=rows[0]["train_seconds"],
+        wall_seconds=time.perf_counter() - started,
+        command=" ".join(command[1:]),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20")
+    p.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every configuration")
+    p.add_argument("--steps", type=int, default=10, help="training steps per epoch")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not timed")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="pass --amp to every run")
+    p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
+    args = p.parse_args(argv)
+    extra = ["--amp", args.amp] if args.amp else []
+
+    runs: dict[str, list[dict]] = {name: [] for name in args.configs}
+    for round_index in range(args.rounds):
+        for name in args.configs:
+            run = run_trainer(CONFIGS[name], args.model, args.steps, args.epochs, args.batch_size, args.device, extra)
+            runs[name].append(run)
+            print(f"round {round_index + 1}/{args.rounds}  {name:26s} {run['images_per_s']:8.1f} img/s  "
+                  f"{run['images_per_cpu_s']:8.1f} img/cpu-s  "
+                  f"(first epoch {run['first_epoch_seconds']:.1f}s, run {run['wall_seconds']:.0f}s)", flush=True)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(dict(
+        model=args.model, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
+        amp=args.amp, rounds=args.rounds, torch=torch.__version__, machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(), argv=sys.argv[1:] if argv is None else argv, runs=runs,
+    ), indent=2) + "\n")
+    print(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
