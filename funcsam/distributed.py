@@ -191,11 +191,12 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean, var, count = _global_batch_statistics(input, self.process_group)
         if self.training and self.track_running_stats:
             self._update_running_statistics(mean.detach(), var.detach(), count)
+        # In fp32 whatever the input's precision, as BatchNorm runs under autocast.
         shape = (1, -1) + (1,) * (input.dim() - 2)
-        output = (input - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        output = (input.float() - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             output = output * self.weight.view(shape) + self.bias.view(shape)
-        return output
+        return output.to(input.dtype)
 
     def _update_running_statistics(self, mean: Tensor, var: Tensor, count: Tensor) -> None:
         self.num_batches_tracked.add_(1)
@@ -207,7 +208,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def _global_batch_statistics(input: Tensor, group: dist.ProcessGroup | None) -> tuple[Tensor, Tensor, Tensor]:
-    """``(mean, biased var, n)`` per channel over every rank's ``input``, differentiable across ranks."""
+    """``(mean, biased var, n)`` per channel over every rank's ``input``, in fp32, differentiable across ranks."""
     dims = [0] + list(range(2, input.dim()))
     x = input.float()
     local_count = torch.full((1,), input.numel() // input.shape[1], dtype=x.dtype, device=x.device)
@@ -218,7 +219,7 @@ def _global_batch_statistics(input: Tensor, group: dist.ProcessGroup | None) -> 
     count = counts.sum()
     mean = (counts * means).sum(0) / count
     var = (counts * (variances + (means - mean) ** 2)).sum(0) / count
-    return mean.to(input.dtype), var.to(input.dtype), count
+    return mean, var, count
 
 
 def convert_sync_batchnorm(module: nn.Module, process_group: dist.ProcessGroup | None = None) -> nn.Module:
