@@ -15,14 +15,23 @@ Tensor = torch.Tensor
 PyTree = Any
 
 
+# Dynamo cannot trace optree over an empty dict (a model without buffers passes ``{}``), so the
+# empty dict is flattened here by hand, with the spec optree would give it.
+_EMPTY_DICT_SPEC = optree.tree_structure({})
+
+
 def flatten(tree: PyTree) -> tuple[list[Tensor], optree.PyTreeSpec]:
     """Leaves of ``tree`` in optree order, and the spec that rebuilds it."""
+    if type(tree) is dict and not tree:
+        return [], _EMPTY_DICT_SPEC
     leaves, spec = optree.tree_flatten(tree)
     return leaves, spec
 
 
 def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> PyTree:
     """Inverse of :func:`flatten`."""
+    if spec is _EMPTY_DICT_SPEC:
+        return {}
     return optree.tree_unflatten(spec, list(leaves))
 
 

@@ -42,3 +42,17 @@ def test_compiled_sam_step_equals_eager_after_three_steps():
     assert_trees_close(compiled[0], eager[0], atol=1e-5)
     assert_trees_close(compiled[1], eager[1], atol=1e-5)
     assert_trees_close(compiled[2].momentum_buffer, eager[2].momentum_buffer, atol=1e-5)
+
+
+def test_model_without_buffers_compiles():
+    from helpers import mlp
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(funcsam.sam_step, backend=counter, fullgraph=True)
+    model = mlp()
+    compiled = _train(step, model, classification_batches(3, 4, (6,)), [0.1, 0.05, 0.02], [0.05, 0.1, 0.2])
+    eager = _train(funcsam.sam_step, model, classification_batches(3, 4, (6,)), [0.1, 0.05, 0.02], [0.05, 0.1, 0.2])
+    assert counter.frame_count == 1
+    assert compiled[1] == {}
+    assert_trees_close(compiled[0], eager[0], atol=1e-6)
