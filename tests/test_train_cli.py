@@ -45,3 +45,15 @@ def test_cuda_asked_for_without_a_gpu_is_a_usage_error(tmp_path, capsys, monkeyp
     monkeypatch.setattr(cifar10.torch.cuda, "is_available", lambda: False)
     assert cifar10.main(["--device", "cuda", "--dataset", "synthetic", "--out", str(tmp_path)]) == 2
     assert "--device cpu" in capsys.readouterr().err
+
+
+def test_a_compiler_failure_is_reported_without_a_traceback(tmp_path, capsys, monkeypatch):
+    import torch._dynamo.exc
+
+    def compiler_breaks(args):
+        raise torch._dynamo.exc.InternalTorchDynamoError("IndexError: tuple index out of range")
+
+    monkeypatch.setattr(cifar10, "train", compiler_breaks)
+    assert cifar10.main(["--dataset", "synthetic", "--compile", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Rerun without --compile" in err and "tuple index out of range" in err

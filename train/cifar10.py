@@ -13,7 +13,8 @@ with ``--api functional`` (default) one step is one call of a pure function arou
 recompiles; loss and accuracy are summed on the device and read every ``LOG_EVERY`` steps.
 ``--api adapter`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` optimizer.
 
-Exit codes: 0 done, 2 bad arguments / missing data / unusable checkpoint, 3 training diverged.
+Exit codes: 0 done, 2 bad arguments / missing data / unusable checkpoint / torch.compile failure,
+3 training diverged.
 """
 
 from __future__ import annotations
@@ -555,6 +556,13 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except torch._dynamo.exc.TorchDynamoException as err:
+        # An internal compiler failure is torch's, not the user's: say so and how to go on.
+        first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        print(f"error: torch.compile (torch {torch.__version__}) could not compile the training step: "
+              f"{type(err).__name__}: {first_line}\nRerun without --compile (same results, eager speed), "
+              "or with another torch release.", file=sys.stderr)
+        return 2
     return 0
 
 
