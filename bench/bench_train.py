@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -40,7 +41,7 @@ CONFIGS = {
 
 
 def run_trainer(flags: list[str], model: str, steps: int, epochs: int, batch_size: int, device: str,
-                extra: list[str]) -> dict:
+                extra: list[str], threads: int | None = None) -> dict:
     """One trainer run; returns its steady-state images/s and per-epoch rows."""
     with tempfile.TemporaryDirectory() as out:
         command = [
@@ -50,7 +51,10 @@ def run_trainer(flags: list[str], model: str, steps: int, epochs: int, batch_siz
             "--device", device, "--out", out, *flags, *extra,
         ]
         started = time.perf_counter()
-        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+        env = dict(os.environ)
+        if threads is not None:  # torch and inductor's OpenMP kernels both read it
+            env["OMP_NUM_THREADS"] = str(threads)
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env=env)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
@@ -75,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="pass --amp to every run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS of the runs. On a machine shared with other jobs, 1 avoids OpenMP "
+                        "threads spinning at barriers for a descheduled sibling, which can slow a run 10x")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
     args = p.parse_args(argv)
     extra = ["--amp", args.amp] if args.amp else []
@@ -82,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_index in range(args.rounds):
         for name in args.configs:
-            run = run_trainer(CONFIGS[name], args.model, args.steps, args.epochs, args.batch_size, args.device, extra)
+            run = run_trainer(CONFIGS[name], args.model, args.steps, args.epochs, args.batch_size, args.device, extra,
+                              args.threads)
             runs[name].append(run)
             print(f"round {round_index + 1}/{args.rounds}  {name:26s} {run['images_per_s']:8.1f} img/s  "
                   f"{run['images_per_cpu_s']:8.1f} img/cpu-s  "
@@ -92,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(dict(
         model=args.model, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
         amp=args.amp, rounds=args.rounds, torch=torch.__version__, machine=platform.processor() or platform.machine(),
-        threads=torch.get_num_threads(), argv=sys.argv[1:] if argv is None else argv, runs=runs,
+        threads=args.threads or torch.get_num_threads(), argv=sys.argv[1:] if argv is None else argv, runs=runs,
     ), indent=2) + "\n")
     print(args.out)
     return 0
