@@ -1,6 +1,7 @@
 """Interleaved step-time report: every variant runs once per round, so drift hits all alike.
 
     python -m bench.report [--rounds 15] [--batch-size 128] [--device cpu|cuda] [--skip-compiled]
+                           [--memory-format contiguous|channels_last|both]
 
 Prints a markdown table of median step times and the ratios the project tracks, and, on CUDA, the
 peak-memory overhead of SAMSGD over torch.optim.SGD in parameter copies.
@@ -64,30 +65,41 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-compiled", action="store_true", help="eager variants only (no 2-minute compiles)")
+    parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last", "both"],
+                        help="layout of the model and batch (both: every variant in each layout, interleaved)")
     args = parser.parse_args(argv)
 
-    model, batch = make_problem(args.batch_size, args.device)
+    formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     names = [n for n in VARIANTS if not (args.skip_compiled and "compiled" in n)]
-    steps = {name: VARIANTS[name](model, batch) for name in names}
+    steps, problems = {}, {}
+    for layout in formats:
+        problems[layout] = make_problem(args.batch_size, args.device, channels_last=layout == "channels_last")
+        for name in names:
+            steps[f"{name} [{layout}]"] = VARIANTS[name](*problems[layout])
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"ResNet-20, batch {args.batch_size}, {args.rounds} interleaved rounds", flush=True)
     times = time_interleaved(steps, args.rounds, args.warmup, args.device)
     median = {name: statistics.median(t) for name, t in times.items()}
-    base = median["torch.optim.SGD (eager)"]
+    base = median[f"torch.optim.SGD (eager) [{formats[0]}]"]
 
-    print("\n| step | median ms | × eager torch.optim.SGD |")
+    print(f"\n| step | median ms | × eager torch.optim.SGD [{formats[0]}] |")
     print("| --- | ---: | ---: |")
-    for name in names:
+    for name in steps:
         print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / base:.3f} |")
-    print()
-    print(f"SAMSGD / SGD (eager): {median['SAMSGD (eager)'] / base:.3f}   (goal <= 2.00)")
-    print(f"sam_step eager / SGD (eager): {median['sam_step (eager)'] / base:.3f}   (goal <= 2.05)")
-    if not args.skip_compiled:
-        compiled_sgd = median["SGD via sam_step rho=0 (compiled)"]
-        print(f"sam_step compiled / SGD compiled: {median['sam_step (compiled)'] / compiled_sgd:.3f}   (goal <= 2.02)")
-        print(f"sam_step compiled / SGD eager: {median['sam_step (compiled)'] / base:.3f}   (goal <= 1.5)")
+    for layout in formats:
+        m = {name: median[f"{name} [{layout}]"] for name in names}
+        sgd = m["torch.optim.SGD (eager)"]
+        print(f"\n[{layout}]")
+        print(f"SAMSGD / SGD (eager): {m['SAMSGD (eager)'] / sgd:.3f}   (goal <= 2.00)")
+        print(f"sam_step eager / SGD (eager): {m['sam_step (eager)'] / sgd:.3f}   (goal <= 2.05)")
+        if not args.skip_compiled:
+            print(f"sam_step compiled / SGD compiled: {m['sam_step (compiled)'] / m['SGD via sam_step rho=0 (compiled)']:.3f}"
+                  "   (goal <= 2.02)")
+            print(f"sam_step compiled / SGD eager [{formats[0]}]: {m['sam_step (compiled)'] / base:.3f}   (goal <= 1.5)")
     if args.device == "cuda":
-        print(f"SAMSGD peak memory over SGD: {peak_memory_overhead(model, batch):.2f} parameter copies   (goal <= 1)")
+        for layout in formats:
+            overhead = peak_memory_overhead(*problems[layout])
+            print(f"SAMSGD peak memory over SGD [{layout}]: {overhead:.2f} parameter copies   (goal <= 1)")
 
 
 if __name__ == "__main__":

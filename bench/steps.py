@@ -21,11 +21,16 @@ HYPER = dict(momentum=0.9, weight_decay=5e-4)
 LR, RHO = 0.1, 0.05
 
 
-def make_problem(batch_size: int = 128, device: str = "cpu", seed: int = 0):
+def make_problem(batch_size: int = 128, device: str = "cpu", seed: int = 0, channels_last: bool = False):
+    """ResNet-20 and one CIFAR-shaped batch; ``channels_last`` stores both NHWC (faster convolutions
+    on this CPU's oneDNN kernels and on GPUs' tensor cores)."""
     torch.manual_seed(seed)
     model = resnet20().to(device)
     inputs = torch.randn(batch_size, 3, 32, 32, device=device)
     targets = torch.randint(0, 10, (batch_size,), device=device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
     return model, (inputs, targets)
 
 
