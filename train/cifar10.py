@@ -466,10 +466,10 @@ def train(args: argparse.Namespace) -> dict:
                 check_finite(totals, epoch, i)
                 if bar is not None:
                     seen = (i + 1) * args.batch_size
-                    bar.update(i + 1 - bar.n)
                     bar.set_postfix(loss=f"{totals.loss_sum.item() / seen:.3f}",
                                     acc=f"{totals.correct.item() / seen:.3f}",
-                                    img_s=f"{seen / (time.perf_counter() - started):.0f}")
+                                    img_s=f"{seen / (time.perf_counter() - started):.0f}", refresh=False)
+                    bar.update(i + 1 - bar.n)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_seconds = time.perf_counter() - started
