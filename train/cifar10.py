@@ -349,6 +349,8 @@ def train(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     checkpoint_path = out / ckpt.CHECKPOINT_NAME
     saved = None
+    if args.resume and not checkpoint_path.exists():
+        print(f"--resume: no checkpoint at {checkpoint_path} yet, starting a new run", file=sys.stderr)
     if checkpoint_path.exists():
         if not args.resume:
             raise UsageError(
