@@ -6,7 +6,8 @@ import train.cifar10 as cifar10
 
 FLAGS = ["--model", "--optim", "--rho", "--adaptive", "--api", "--epochs", "--batch-size", "--lr", "--momentum",
          "--weight-decay", "--nesterov", "--warmup-epochs", "--label-smoothing", "--cutout", "--compile", "--amp",
-         "--device", "--dataset", "--synthetic-size", "--data-dir", "--out", "--resume", "--seed", "--limit-steps"]
+         "--device", "--dataset", "--synthetic-size", "--data-dir", "--out", "--resume", "--seed", "--limit-steps",
+         "--sam-sync", "--sync-bn", "--m-sharpness", "--accumulate"]
 
 
 def test_help_documents_every_flag(capsys):
@@ -33,7 +34,8 @@ def test_bare_amp_means_bf16():
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "0"], ["--limit-steps", "0"],
-                                  ["--epochs", "3"], ["--model", "resnet18"]])
+                                  ["--epochs", "3"], ["--model", "resnet18"], ["--m-sharpness", "0"],
+                                  ["--accumulate", "0"], ["--sam-sync", "both"]])
 def test_bad_values_exit_2_with_a_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cifar10.parse_args(argv)
@@ -57,3 +59,29 @@ def test_a_compiler_failure_is_reported_without_a_traceback(tmp_path, capsys, mo
     assert cifar10.main(["--dataset", "synthetic", "--compile", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "Rerun without --compile" in err and "tuple index out of range" in err
+
+
+@pytest.mark.parametrize("world, argv, names", [
+    (1, ["--m-sharpness", "3"], ["--m-sharpness 3", "64"]),
+    (1, ["--accumulate", "5"], ["--accumulate 5", "64"]),
+    (1, ["--m-sharpness", "2", "--accumulate", "2"], ["--m-sharpness 2", "--accumulate 2"]),
+    (1, ["--sync-bn", "--m-sharpness", "2"], ["--sync-bn", "--m-sharpness 2"]),
+    (1, ["--api", "adapter", "--accumulate", "2"], ["--accumulate 2", "--api functional"]),
+    (1, ["--api", "adapter", "--sync-bn"], ["--sync-bn", "--api functional"]),
+    (3, [], ["--batch-size 64", "3 processes"]),
+    (2, ["--accumulate", "64"], ["--accumulate 64", "32 per process"]),
+    (2, ["--m-sharpness", "2"], ["--m-sharpness 2", "--sam-sync local"]),
+    (2, ["--api", "adapter"], ["2 processes", "--api functional"]),
+])
+def test_impossible_beyond_one_batch_combinations_exit_2_naming_the_flag(tmp_path, capsys, monkeypatch,
+                                                                          world, argv, names):
+    # WORLD_SIZE as torchrun sets it: the check runs before any process group is joined.
+    if world > 1:
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+    out = tmp_path / "run"
+    assert cifar10.main(["--dataset", "synthetic", "--batch-size", "64", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for name in names:
+        assert name in err, (name, err)
+    assert not out.exists()

@@ -13,6 +13,14 @@ with ``--api functional`` (default) one step is one call of a pure function arou
 recompiles; loss and accuracy are summed on the device and read every ``LOG_EVERY`` steps.
 ``--api adapter`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` optimizer.
 
+Beyond one batch (``--api functional``): ``torchrun --nproc_per_node N -m train.cifar10 ...`` trains
+data-parallel on N processes (NCCL on GPUs, gloo on CPUs). Every rank draws the same global batch
+(``--batch-size`` stays the global batch) and trains on its contiguous shard; gradients are averaged
+with ``funcsam.distributed.all_reduce_mean`` (``--sam-sync global|local``), BatchNorm statistics
+stay per replica unless ``--sync-bn``. Rank 0 alone prints, evaluates and writes files; every rank
+resumes from its checkpoint. ``--m-sharpness K`` and ``--accumulate K`` cut each (per-replica)
+batch into K parts: ``funcsam.m_sharpness_sam_step`` and ``funcsam.accumulated_sam_step``.
+
 Exit codes: 0 done, 2 bad arguments / missing data / unusable checkpoint / torch.compile failure,
 3 training diverged.
 """
@@ -31,10 +39,12 @@ from typing import Any, Callable, NamedTuple
 
 import optree
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import funcsam
+import funcsam.distributed
 from train import checkpoint as ckpt
 from train.data import Dataset, DatasetUnavailable, augment, load_cifar, make_epoch_plan, make_synthetic, normalize
 from train.models import MODELS, build_model, count_parameters
@@ -46,8 +56,10 @@ LOG_EVERY = 50  # steps between host reads of the running loss (one device sync 
 RUN_DEFINING_ARGS = (
     "model", "optim", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
-    "seed", "limit_steps", "synthetic_size",
+    "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
 )
+# What a checkpoint written before a run-defining argument existed ran with.
+PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1)
 
 
 class UsageError(Exception):
@@ -101,8 +113,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--limit-steps", type=int, default=None, metavar="N",
                    help="cap every epoch at N training steps and the evaluation at N batches "
                         "(the schedule spans the steps actually run); for quick tests and benchmarks")
+    beyond = p.add_argument_group(
+        "beyond one batch (--api functional)",
+        "Under `torchrun --nproc_per_node N -m train.cifar10 ...` the run is data-parallel on N processes "
+        "(NCCL on GPUs, gloo on CPUs): --batch-size stays the global batch, each rank trains on its "
+        "contiguous 1/N of it, and only rank 0 prints and writes files.",
+    )
+    beyond.add_argument("--sam-sync", default="global", choices=["global", "local"],
+                        help="with N processes: global = perturb with the averaged gradient (one process "
+                             "on the global batch); local = each replica perturbs with its own gradient")
+    beyond.add_argument("--sync-bn", action="store_true",
+                        help="normalise with the BatchNorm statistics of the global batch, across processes "
+                             "(funcsam.distributed.convert_sync_batchnorm); without it each replica keeps its own")
+    beyond.add_argument("--m-sharpness", type=int, default=1, metavar="K",
+                        help="m-sharpness: each (per-replica) batch in K parts, each perturbing with its own "
+                             "gradient (funcsam.m_sharpness_sam_step); with N processes needs --sam-sync local")
+    beyond.add_argument("--accumulate", type=int, default=1, metavar="K",
+                        help="one SAM step over K micro-batches of each (per-replica) batch "
+                             "(funcsam.accumulated_sam_step): same step, 1/K of the activation memory")
     args = p.parse_args(argv)
-    for name in ("epochs", "batch_size", "synthetic_size"):
+    for name in ("epochs", "batch_size", "synthetic_size", "m_sharpness", "accumulate"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if not args.lr > 0:
@@ -115,6 +145,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.optim == "sgd":
         args.rho = 0.0  # recorded as what ran, so a checkpoint cannot be resumed as SAM
     return args
+
+
+def requested_world_size() -> int:
+    """The number of processes torchrun started (1 for a plain ``python`` run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
+    """UsageError for a data-parallel / m-sharpness / accumulation combination that cannot run,
+    before any process group is joined (every rank refuses alike)."""
+    if args.api != "functional":
+        asked = [flag for flag, on in (("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
+                                       (f"--m-sharpness {args.m_sharpness}", args.m_sharpness > 1),
+                                       (f"--accumulate {args.accumulate}", args.accumulate > 1),
+                                       (f"{world_size} processes (torchrun)", world_size > 1)) if on]
+        if asked:
+            raise UsageError(f"{', '.join(asked)} need(s) --api functional (the adapter SAMSGD steps one "
+                             "process on one batch)")
+    if args.m_sharpness > 1 and args.accumulate > 1:
+        raise UsageError(f"--m-sharpness {args.m_sharpness} and --accumulate {args.accumulate} cannot be combined: "
+                         "keep one of them at 1")
+    if args.sync_bn and args.m_sharpness > 1:
+        raise UsageError(f"--sync-bn cannot be combined with --m-sharpness {args.m_sharpness}: m-sharpness parts "
+                         "normalise with their own statistics by design (ghost BatchNorm)")
+    if world_size > 1 and args.m_sharpness > 1 and args.sam_sync != "local":
+        raise UsageError(f"--m-sharpness {args.m_sharpness} with {world_size} processes perturbs every replica's "
+                         "parts with their own gradients: pass --sam-sync local to say so")
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
+                         f"{world_size} processes: use a multiple of {world_size}")
+    per_replica = args.batch_size // world_size
+    where = "" if world_size == 1 else f" per process ({args.batch_size} / {world_size} processes)"
+    for flag, parts in (("--m-sharpness", args.m_sharpness), ("--accumulate", args.accumulate)):
+        if per_replica % parts:
+            raise UsageError(f"{flag} {parts} does not divide the batch of {per_replica}{where}: "
+                             f"choose a --batch-size that is a multiple of {world_size * parts}")
 
 
 def pick_device(choice: str) -> torch.device:
@@ -180,18 +246,36 @@ def add_step_to_totals(totals: TrainTotals, loss, logits, labels, finite, loss_s
     )
 
 
-def make_functional_step(model, args, criterion, mean, std) -> Callable:
+def make_functional_step(model, args, criterion, mean, std, grad_reduce=None) -> Callable:
     """``step(state, totals, images_u8, labels, crop_offsets, flips, cutout_centres, lr, rho)
-    -> (state, totals)``: augmentation, both SAM passes and the SGD update, pure."""
+    -> (state, totals)``: augmentation, both SAM passes and the SGD update, pure.
+
+    The images are this process's shard of the global batch; ``grad_reduce`` (an all-reduce mean
+    under data parallelism) averages the gradients across processes. ``--m-sharpness K`` and
+    ``--accumulate K`` pick ``m_sharpness_sam_step`` and ``accumulated_sam_step``: one step each,
+    so ``--compile`` still makes one fullgraph region of it."""
     loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
+    m_sharpness, accumulate, sam_sync = args.m_sharpness, args.accumulate, args.sam_sync
 
     def step(state: TrainState, totals: TrainTotals, images, labels, crop_offsets, flips, cutout_centres, lr, rho):
         inputs = augment(images, crop_offsets, flips, cutout_centres, mean, std, args.cutout)
-        out = funcsam.sam_step(
-            state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
-            momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
-            adaptive=args.adaptive, loss_scale=state.loss_scale,
-        )
+        common = dict(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
+                      adaptive=args.adaptive, loss_scale=state.loss_scale, grad_reduce=grad_reduce)
+        if m_sharpness > 1:  # always local: every part perturbs with its own gradient
+            out = funcsam.m_sharpness_sam_step(
+                state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
+                m=m_sharpness, **common,
+            )
+        elif accumulate > 1:
+            out = funcsam.accumulated_sam_step(
+                state.params, state.buffers, funcsam.split_batch((inputs, labels), accumulate), loss_fn, rho, lr,
+                state.momentum_state, sam_sync=sam_sync, **common,
+            )
+        else:
+            out = funcsam.sam_step(
+                state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
+                sam_sync=sam_sync, **common,
+            )
         totals = add_step_to_totals(totals, out.loss, out.aux, labels, out.finite, state.loss_scale is not None)
         return TrainState(out.params, out.buffers, out.momentum_state, out.loss_scale), totals
 
@@ -340,17 +424,62 @@ def load_dataset(args) -> Dataset:
     return load_cifar(args.dataset, args.data_dir)
 
 
+def load_dataset_rank_0_first(args, dp: funcsam.distributed.DataParallel) -> Dataset:
+    """Rank 0 loads (and downloads, if needed) first; the others then read what it left on disk.
+    A failure on rank 0 fails every rank, instead of leaving them waiting."""
+    if dp.world_size == 1:
+        return load_dataset(args)
+    data = error = None
+    if dp.is_main:
+        try:
+            data = load_dataset(args)
+        except DatasetUnavailable as err:
+            error = err
+    loaded = torch.tensor([error is None], dtype=torch.int32, device=dp.device)  # NCCL takes device tensors only
+    dist.broadcast(loaded, src=0)
+    if error is not None:
+        raise error
+    if not loaded.item():
+        raise DatasetUnavailable("rank 0 could not load the data set (its message says why)")
+    return data if data is not None else load_dataset(args)
+
+
+def global_totals(totals: TrainTotals, world_size: int) -> TrainTotals:
+    """The epoch's totals over every process: loss and correct summed over the shards; the step
+    counts as the worst process saw them (the same steps run everywhere, so every rank decides alike)."""
+    if world_size == 1:
+        return totals
+    sums = torch.stack([totals.loss_sum.double(), totals.correct.double()])  # exact for any epoch's counts
+    counts = torch.stack([totals.diverged_steps, totals.skipped_steps])
+    dist.all_reduce(sums, op=dist.ReduceOp.SUM)
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return TrainTotals(sums[0].float(), sums[1].to(torch.int64), counts[0], counts[1])
+
+
+def barrier(dp: funcsam.distributed.DataParallel) -> None:
+    if dp.world_size > 1:
+        dist.barrier()
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run (or resume) the training that ``args`` describes; returns the summary."""
+    """Run (or resume) the training that ``args`` describes; returns the summary (on every rank)."""
+    check_beyond_one_batch(args, requested_world_size())
     device = pick_device(args.device)
+    # Under torchrun: join the process group (gloo for --device cpu even where a GPU exists).
+    dp = funcsam.distributed.init_data_parallel("nccl" if device.type == "cuda" else "gloo")
+    if dp.world_size > 1:
+        device = dp.device
+    args.world_size = dp.world_size  # run-defining: the shards, and so the trajectory, depend on it
+    say = print if dp.is_main else (lambda *_, **__: None)  # only rank 0 prints and writes files
     if args.amp == "fp16" and device.type == "cpu":
-        print("warning: fp16 autocast on the CPU runs convolutions very slowly (no fast fp16 kernels); "
-              "--amp bf16 is the CPU's fast path", file=sys.stderr)
+        say("warning: fp16 autocast on the CPU runs convolutions very slowly (no fast fp16 kernels); "
+            "--amp bf16 is the CPU's fast path", file=sys.stderr)
+    # Every rank checks and reads the checkpoint itself; nothing is written before all have.
     out = Path(args.out)
     checkpoint_path = out / ckpt.CHECKPOINT_NAME
     saved = None
     if args.resume and not checkpoint_path.exists():
-        print(f"--resume: no checkpoint at {checkpoint_path} yet, starting a new run", file=sys.stderr)
+        say(f"--resume: no checkpoint at {checkpoint_path} yet, starting a new run", file=sys.stderr)
     if checkpoint_path.exists():
         if not args.resume:
             raise UsageError(
@@ -358,10 +487,11 @@ def train(args: argparse.Namespace) -> dict:
                 "(it was left untouched)"
             )
         saved = ckpt.load_checkpoint(checkpoint_path)
-        ckpt.check_same_run(saved["args"], vars(args), RUN_DEFINING_ARGS, checkpoint_path)
+        saved_args = {**PRE_EXISTING_DEFAULTS, **saved["args"]}
+        ckpt.check_same_run(saved_args, vars(args), RUN_DEFINING_ARGS, checkpoint_path)
 
     # Data: on the device once, as uint8; the batch order and augmentation come per epoch from (seed, epoch).
-    data = load_dataset(args)
+    data = load_dataset_rank_0_first(args, dp)
     train_images, train_labels = (t.to(device) for t in data.train)
     test = tuple(t.to(device) for t in data.test)
     mean = torch.tensor(data.mean, device=device)
@@ -374,10 +504,14 @@ def train(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps_per_epoch
     warmup_steps = args.warmup_epochs * steps_per_epoch
 
-    # Model: initialised on the CPU from the seed so that every device starts from the same weights.
+    # Model: initialised on the CPU from the seed so that every device (and every rank) starts from
+    # the same weights.
     torch.manual_seed(args.seed)
     model = build_model(args.model, data.num_classes).to(device)
+    if args.sync_bn:
+        model = funcsam.distributed.convert_sync_batchnorm(model)  # same names: checkpoints load either way
     model.train()
+    reduce = funcsam.distributed.all_reduce_mean() if dp.world_size > 1 else None
     criterion = lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)  # noqa: E731
     compile_fn = (lambda f: torch.compile(f, fullgraph=True)) if args.compile else (lambda f: f)
     eval_step = compile_fn(make_eval_step(model, args, mean, std))
@@ -390,7 +524,7 @@ def train(args: argparse.Namespace) -> dict:
         buffers = {k: v.detach() for k, v in model.named_buffers()}
         loss_scale = funcsam.init_loss_scale(device=device) if args.amp == "fp16" else None
         state = TrainState(params, buffers, funcsam.init_momentum(params), loss_scale)
-        step = compile_fn(make_functional_step(model, args, criterion, mean, std))
+        step = compile_fn(make_functional_step(model, args, criterion, mean, std, grad_reduce=reduce))
     else:
         optimizer = funcsam.SAMSGD(
             model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
@@ -436,28 +570,36 @@ def train(args: argparse.Namespace) -> dict:
                 parts.grad_scaler.load_state_dict(saved["optimizer"]["grad_scaler"])
         ckpt.restore_rng_states(saved["rng"])
         start_epoch, history = saved["epoch"], list(saved["history"])
-        print(f"resuming {checkpoint_path} after epoch {start_epoch}/{args.epochs}", file=sys.stderr)
+        say(f"resuming {checkpoint_path} after epoch {start_epoch}/{args.epochs}", file=sys.stderr)
 
-    out.mkdir(parents=True, exist_ok=True)
-    if saved is None:
-        write_json(out / "args.json", vars(args))
-    write_metrics(out / "metrics.jsonl", history)  # drops rows of an epoch the checkpoint does not hold
-    print(f"{args.model} ({count_parameters(model):,} params) {args.optim} api={args.api} on {device}"
-          f"{' compiled' if args.compile else ''}{' amp=' + args.amp if args.amp else ''}: "
-          f"{args.dataset} {train_images.shape[0]} train / {test[0].shape[0]} test images, "
-          f"{steps_per_epoch} steps/epoch", file=sys.stderr)
+    barrier(dp)  # every rank has checked (and read) the checkpoint before rank 0 writes anything
+    if dp.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if saved is None:
+            write_json(out / "args.json", vars(args))
+        write_metrics(out / "metrics.jsonl", history)  # drops rows of an epoch the checkpoint does not hold
+    parallel = "" if dp.world_size == 1 else f" x {dp.world_size} processes (sam_sync={args.sam_sync})"
+    parts_note = (f" m-sharpness={args.m_sharpness}" if args.m_sharpness > 1 else "") + \
+                 (f" accumulate={args.accumulate}" if args.accumulate > 1 else "") + (" sync-bn" if args.sync_bn else "")
+    say(f"{args.model} ({count_parameters(model):,} params) {args.optim} api={args.api} on {device}{parallel}"
+        f"{' compiled' if args.compile else ''}{' amp=' + args.amp if args.amp else ''}{parts_note}: "
+        f"{args.dataset} {train_images.shape[0]} train / {test[0].shape[0]} test images, "
+        f"{steps_per_epoch} steps/epoch", file=sys.stderr)
 
     eval_batch = 2 * args.batch_size  # no gradients: twice the batch fits
     step_index = start_epoch * steps_per_epoch
     for epoch in range(start_epoch, args.epochs):
         plan = make_epoch_plan(train_images.shape[0], args.seed, epoch, device)
         totals = zero_totals(device)
-        bar = progress_bar(steps_per_epoch, epoch, args.epochs)
+        bar = progress_bar(steps_per_epoch, epoch, args.epochs) if dp.is_main else None
         started, started_cpu = time.perf_counter(), time.process_time()
         for i in range(steps_per_epoch):
             batch = slice(i * args.batch_size, (i + 1) * args.batch_size)
-            rows = plan.order[batch]
-            augmentation = (plan.crop_offsets[batch], plan.flips[batch], plan.cutout_centres[batch])
+            # Every rank drew the same plan: it keeps its contiguous shard of the global batch.
+            rows, *augmentation = funcsam.shard_batch(
+                (plan.order[batch], plan.crop_offsets[batch], plan.flips[batch], plan.cutout_centres[batch]),
+                dp.rank, dp.world_size,
+            )
             if state is not None:
                 lr.fill_(learning_rate(step_index, total_steps, warmup_steps, args.lr))  # in place: no recompile
                 state, totals = step(state, totals, train_images[rows], train_labels[rows], *augmentation, lr, rho)
@@ -465,11 +607,12 @@ def train(args: argparse.Namespace) -> dict:
                 totals = step(totals, train_images[rows], train_labels[rows], *augmentation)
             step_index += 1
             if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
-                check_finite(totals, epoch, i)
+                reported = global_totals(totals, dp.world_size)
+                check_finite(reported, epoch, i)  # the same verdict on every rank
                 if bar is not None:
                     seen = (i + 1) * args.batch_size
-                    bar.set_postfix(loss=f"{totals.loss_sum.item() / seen:.3f}",
-                                    acc=f"{totals.correct.item() / seen:.3f}",
+                    bar.set_postfix(loss=f"{reported.loss_sum.item() / seen:.3f}",
+                                    acc=f"{reported.correct.item() / seen:.3f}",
                                     img_s=f"{seen / (time.perf_counter() - started):.0f}", refresh=False)
                     bar.update(i + 1 - bar.n)
         if device.type == "cuda":
@@ -482,29 +625,41 @@ def train(args: argparse.Namespace) -> dict:
             bar.close()
 
         params, buffers = current_params_buffers()
-        test_loss, test_acc = evaluate(eval_step, model, params, buffers, test, eval_batch, args.limit_steps)
-        seen = steps_per_epoch * args.batch_size
-        row = dict(
-            epoch=epoch + 1, step=step_index,
-            train_loss=totals.loss_sum.item() / seen, train_acc=totals.correct.item() / seen,
-            test_loss=test_loss, test_acc=test_acc,
-            lr=learning_rate(step_index - 1, total_steps, warmup_steps, args.lr),
-            skipped_steps=int(totals.skipped_steps.item()),
-            seconds=time.perf_counter() - started, train_seconds=train_seconds,
-            train_cpu_seconds=train_cpu_seconds, images_per_s=seen / train_seconds,
-        )
-        history.append(row)
-        save_checkpoint(checkpoint_path, args, epoch + 1, step_index, history, params, buffers, state, parts)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        print(f"epoch {epoch + 1}/{args.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
-              f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
-              f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s", file=sys.stderr if bar else sys.stdout,
-              flush=True)
+        row = None
+        if dp.is_main:  # rank 0's model (its BatchNorm statistics) is the one checkpointed and evaluated
+            test_loss, test_acc = evaluate(eval_step, model, params, buffers, test, eval_batch, args.limit_steps)
+            seen = steps_per_epoch * args.batch_size  # the global batch: images of every process
+            row = dict(
+                epoch=epoch + 1, step=step_index,
+                train_loss=reported.loss_sum.item() / seen, train_acc=reported.correct.item() / seen,
+                test_loss=test_loss, test_acc=test_acc,
+                lr=learning_rate(step_index - 1, total_steps, warmup_steps, args.lr),
+                skipped_steps=int(reported.skipped_steps.item()),
+                seconds=time.perf_counter() - started, train_seconds=train_seconds,
+                train_cpu_seconds=train_cpu_seconds, images_per_s=seen / train_seconds,
+            )
+            save_checkpoint(checkpoint_path, args, epoch + 1, step_index, history + [row], params, buffers, state, parts)
+            with open(out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"epoch {epoch + 1}/{args.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
+                  f"test loss {test_loss:.4f} acc {test_acc:.4f}  lr {row['lr']:.4g}  "
+                  f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s", file=sys.stderr if bar else sys.stdout,
+                  flush=True)
+        history.append(share_from_rank_0(row, dp))  # also waits for rank 0's checkpoint
 
     summary = make_summary(args, history, count_parameters(model), device)
-    write_json(out / "summary.json", summary)
+    if dp.is_main:
+        write_json(out / "summary.json", summary)
     return summary
+
+
+def share_from_rank_0(obj: Any, dp: funcsam.distributed.DataParallel) -> Any:
+    """Rank 0's ``obj`` on every rank (a small picklable value)."""
+    if dp.world_size == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0, device=dp.device)
+    return holder[0]
 
 
 def check_finite(totals: TrainTotals, epoch: int, step_in_epoch: int) -> None:
@@ -540,7 +695,7 @@ def make_summary(args, history: list[dict], num_params: int, device: torch.devic
     steady = history[1:] if len(history) > 1 else history
     return dict(
         model=args.model, optim=args.optim, rho=args.rho, api=args.api, dataset=args.dataset,
-        epochs=len(history), parameters=num_params, device=str(device),
+        epochs=len(history), parameters=num_params, device=str(device), processes=args.world_size,
         final_test_acc=last.get("test_acc"), best_test_acc=max((r["test_acc"] for r in history), default=None),
         final_train_loss=last.get("train_loss"),
         train_images_per_s=(sum(r["images_per_s"] for r in steady) / len(steady)) if steady else None,
@@ -550,21 +705,26 @@ def make_summary(args, history: list[dict], num_params: int, device: torch.devic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # Errors that every rank meets alike are reported once, by rank 0 (RANK is set by torchrun).
+    report = print if os.environ.get("RANK", "0") == "0" else (lambda *_, **__: None)
     try:
         train(args)
     except (UsageError, DatasetUnavailable, ckpt.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}", file=sys.stderr)
         return 2
     except TrainingDiverged as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}", file=sys.stderr)
         return 3
     except torch._dynamo.exc.TorchDynamoException as err:
         # An internal compiler failure is torch's, not the user's: say so and how to go on.
         first_line = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
-        print(f"error: torch.compile (torch {torch.__version__}) could not compile the training step: "
-              f"{type(err).__name__}: {first_line}\nRerun without --compile (same results, eager speed), "
-              "or with another torch release.", file=sys.stderr)
+        report(f"error: torch.compile (torch {torch.__version__}) could not compile the training step: "
+               f"{type(err).__name__}: {first_line}\nRerun without --compile (same results, eager speed), "
+               "or with another torch release.", file=sys.stderr)
         return 2
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 

@@ -1,0 +1,194 @@
+"""The trainer on two gloo processes (started by the test on 127.0.0.1, as torchrun would start
+them), and its m-sharpness and accumulation flags on one.
+
+Two processes: only rank 0 prints and writes files; a job that crashed on every rank resumes from
+rank 0's checkpoint and ends bit-for-bit where the uninterrupted job does; ``--sam-sync global``
+with ``--sync-bn`` follows the one-process run with the same seed; impossible world sizes are
+refused with exit code 2 on every rank.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.cifar10 as cifar10
+from test_train_resume import assert_same_trajectory
+from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+WORLD = 2
+TIMEOUT_S = 120
+WORKER = Path(__file__).with_name("train_dp_worker.py")
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_args(out: Path, *extra: str) -> list[str]:
+    # 16 steps of 32 images (16 per process) per epoch: a few seconds for two processes.
+    return ["--dataset", "synthetic", "--model", "tiny", "--synthetic-size", "512", "--batch-size", "32",
+            "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu", "--out", str(out), *extra]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv: list[str], crash_at_epoch: int | None = None) -> list[subprocess.CompletedProcess]:
+    """Both ranks of ``python -m train.cifar10 ARGV`` to completion (or killed after TIMEOUT_S)."""
+    port = _free_port()
+    procs = []
+    for rank in range(WORLD):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        env.pop("CRASH_AT_EPOCH", None)
+        if crash_at_epoch is not None:
+            env["CRASH_AT_EPOCH"] = str(crash_at_epoch)
+        procs.append(subprocess.Popen(
+            [sys.executable, str(WORKER), *argv], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    try:
+        outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs)]
+
+
+def assert_succeeded(ranks: list[subprocess.CompletedProcess]) -> None:
+    for rank, done in enumerate(ranks):
+        assert done.returncode == 0, f"rank {rank} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two-process runs shared by the tests below (each launch costs seconds)."""
+    root = tmp_path_factory.mktemp("train_dp")
+    ranks = {}
+    ranks["sync_bn"] = launch(tiny_args(root / "sync_bn", "--sync-bn", "--sam-sync", "global"))
+    ranks["straight"] = launch(tiny_args(root / "straight"))
+    ranks["crashed"] = launch(tiny_args(root / "resumed"), crash_at_epoch=2)
+    ranks["resumed"] = launch(tiny_args(root / "resumed", "--resume"))
+    return root, ranks
+
+
+@pytest.mark.slow
+def test_only_rank_zero_prints_and_writes(runs):
+    root, ranks = runs
+    assert_succeeded(ranks["straight"])
+    assert sorted(p.name for p in (root / "straight").iterdir()) == \
+        ["args.json", CHECKPOINT_NAME, "metrics.jsonl", "summary.json"]
+    rank0, rank1 = ranks["straight"]
+    assert "epoch 2/2" in rank0.stdout + rank0.stderr
+    assert rank1.stdout == "" and "epoch" not in rank1.stderr
+    summary = json.loads((root / "straight" / "summary.json").read_text())
+    assert summary["processes"] == WORLD
+    assert json.loads((root / "straight" / "args.json").read_text())["world_size"] == WORLD
+    rows = [json.loads(line) for line in (root / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 32
+
+
+@pytest.mark.slow
+def test_every_rank_resumes_after_a_crash_and_ends_as_the_uninterrupted_run(runs):
+    root, ranks = runs
+    for rank, done in enumerate(ranks["crashed"]):
+        assert done.returncode != 0 and "simulated crash" in done.stderr, f"rank {rank}: {done.stderr}"
+    assert_succeeded(ranks["resumed"])
+    assert "resuming" in ranks["resumed"][0].stderr
+    # Rank 1 resumed too: had it started afresh, its gradients (averaged into rank 0's) would differ.
+    assert_same_trajectory(root / "straight", root / "resumed")
+
+
+@pytest.mark.slow
+def test_global_sync_with_sync_bn_matches_one_process(runs, tmp_path):
+    """Two processes x 16 images = one process x 32 images, up to float32 summation order: the
+    gradient is a mean of two half-batch means (all-reduced) instead of one mean, and the BatchNorm
+    statistics are combined from per-rank (mean, var, n). Those ~1e-7 relative differences pass
+    through 32 SAM steps with momentum (lr 0.1), hence 1e-4 rather than the library tests' 1e-5
+    after two steps."""
+    root, ranks = runs
+    assert_succeeded(ranks["sync_bn"])
+    assert cifar10.main(tiny_args(tmp_path / "one")) == 0
+    two, one = load_checkpoint(root / "sync_bn" / CHECKPOINT_NAME), load_checkpoint(tmp_path / "one" / CHECKPOINT_NAME)
+    assert two["step"] == one["step"] == 32
+    for key in ("params", "buffers"):
+        for name, value in one[key].items():
+            torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-4, msg=f"{key} {name}")
+    rows_two = [json.loads(line) for line in (root / "sync_bn" / "metrics.jsonl").read_text().splitlines()]
+    rows_one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(rows_two, rows_one):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)  # every process's images counted
+        assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
+
+
+@pytest.mark.slow
+def test_world_size_not_dividing_the_batch_exits_2_on_every_rank(tmp_path):
+    ranks = launch(tiny_args(tmp_path / "run", "--batch-size", "33"))
+    assert [done.returncode for done in ranks] == [2, 2]
+    assert "--batch-size 33" in ranks[0].stderr and "2 processes" in ranks[0].stderr
+    assert ranks[1].stderr == ""  # reported once, by rank 0
+    assert all("Traceback" not in done.stderr for done in ranks)
+    assert not (tmp_path / "run").exists()
+
+
+# --- m-sharpness and accumulation on one process ----------------------------------------------
+
+
+def test_accumulate_threads_batchnorm_statistics_through_the_micro_batches(tmp_path):
+    assert cifar10.main(tiny_args(tmp_path / "acc", "--accumulate", "4", "--limit-steps", "3")) == 0
+    saved = load_checkpoint(tmp_path / "acc" / CHECKPOINT_NAME)
+    assert saved["step"] == 6
+    assert int(saved["buffers"]["bn1.num_batches_tracked"]) == 6 * 4  # one BatchNorm update per micro-batch
+    assert all(torch.isfinite(p).all() for p in saved["params"].values())
+
+
+def test_m_sharpness_takes_another_path_than_whole_batch_sam(tmp_path):
+    assert cifar10.main(tiny_args(tmp_path / "m", "--m-sharpness", "4", "--limit-steps", "3")) == 0
+    assert cifar10.main(tiny_args(tmp_path / "sam", "--limit-steps", "3")) == 0
+    m, sam = (load_checkpoint(tmp_path / name / CHECKPOINT_NAME) for name in ("m", "sam"))
+    assert int(m["buffers"]["bn1.num_batches_tracked"]) == 6  # parts advance the counter once per step
+    assert all(torch.isfinite(p).all() for p in m["params"].values())
+    assert not torch.allclose(m["params"]["fc.weight"], sam["params"]["fc.weight"])
+
+
+@pytest.mark.parametrize("change", [["--accumulate", "2"], ["--m-sharpness", "2"], ["--sync-bn"]])
+def test_checkpoint_with_other_beyond_one_batch_flags_is_refused(tmp_path, capsys, change):
+    out = tmp_path / "run"
+    assert cifar10.main(tiny_args(out, "--epochs", "1", "--warmup-epochs", "0", "--limit-steps", "1")) == 0
+    capsys.readouterr()
+    assert cifar10.main(tiny_args(out, "--epochs", "1", "--warmup-epochs", "0", "--limit-steps", "1",
+                                  *change, "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "different run" in err and change[0] in err and "Traceback" not in err
+
+
+def test_checkpoint_from_before_these_flags_resumes_as_one_process(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = tiny_args(out, "--limit-steps", "1")
+    real_plan = cifar10.make_epoch_plan
+
+    def crash_in_epoch_two(num_samples, seed, epoch, device):
+        if epoch == 1:
+            raise RuntimeError("simulated crash")
+        return real_plan(num_samples, seed, epoch, device)
+
+    monkeypatch.setattr(cifar10, "make_epoch_plan", crash_in_epoch_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        cifar10.main(args)
+    monkeypatch.undo()
+    saved = load_checkpoint(out / CHECKPOINT_NAME)
+    for key in ("sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size"):
+        del saved["args"][key]
+    torch.save(saved, out / CHECKPOINT_NAME)
+    assert cifar10.main(args + ["--resume"]) == 0
+    assert load_checkpoint(out / CHECKPOINT_NAME)["epoch"] == 2
