@@ -172,6 +172,20 @@ def test_checkpoint_with_other_beyond_one_batch_flags_is_refused(tmp_path, capsy
     assert "different run" in err and change[0] in err and "Traceback" not in err
 
 
+def test_checkpoint_of_another_number_of_processes_is_refused(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert cifar10.main(tiny_args(out, "--epochs", "1", "--warmup-epochs", "0", "--limit-steps", "1")) == 0
+    before = (out / CHECKPOINT_NAME).read_bytes()
+    capsys.readouterr()
+    # As if under torchrun with 2 processes; the refusal comes before any collective is needed.
+    two = cifar10.funcsam.distributed.DataParallel(0, 2, 0, torch.device("cpu"))
+    monkeypatch.setattr(cifar10.funcsam.distributed, "init_data_parallel", lambda *args, **kwargs: two)
+    assert cifar10.main(tiny_args(out, "--epochs", "1", "--warmup-epochs", "0", "--limit-steps", "1", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert "1 process(es), this one has 2" in err and "--nproc_per_node 1" in err and "Traceback" not in err
+    assert (out / CHECKPOINT_NAME).read_bytes() == before
+
+
 def test_checkpoint_from_before_these_flags_resumes_as_one_process(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = tiny_args(out, "--limit-steps", "1")

@@ -130,7 +130,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "gradient (funcsam.m_sharpness_sam_step); with N processes needs --sam-sync local")
     beyond.add_argument("--accumulate", type=int, default=1, metavar="K",
                         help="one SAM step over K micro-batches of each (per-replica) batch "
-                             "(funcsam.accumulated_sam_step): same step, 1/K of the activation memory")
+                             "(funcsam.accumulated_sam_step): the whole batch's step (exactly so without BatchNorm; "
+                             "BatchNorm normalises each micro-batch alone) in 1/K of the activation memory")
     args = p.parse_args(argv)
     for name in ("epochs", "batch_size", "synthetic_size", "m_sharpness", "accumulate"):
         if getattr(args, name) < 1:
@@ -488,6 +489,13 @@ def train(args: argparse.Namespace) -> dict:
             )
         saved = ckpt.load_checkpoint(checkpoint_path)
         saved_args = {**PRE_EXISTING_DEFAULTS, **saved["args"]}
+        if saved_args["world_size"] != dp.world_size:  # not a flag: say how to match it
+            raise ckpt.CheckpointError(
+                f"{checkpoint_path} belongs to a run on {saved_args['world_size']} process(es), this one has "
+                f"{dp.world_size}: the shards, and so the trajectory, would differ. Resume it with "
+                f"`torchrun --nproc_per_node {saved_args['world_size']}` (1: plain python), or use another --out. "
+                "The checkpoint was left untouched."
+            )
         ckpt.check_same_run(saved_args, vars(args), RUN_DEFINING_ARGS, checkpoint_path)
 
     # Data: on the device once, as uint8; the batch order and augmentation come per epoch from (seed, epoch).
