@@ -77,4 +77,12 @@ def update_loss_scale(state: LossScaleState, finite: Tensor) -> LossScaleState:
         state.scale * state.backoff_factor,
     )
     tracker = torch.where(grow, torch.zeros_like(tracker), tracker)
-    return state._replace(scale=scale, growth_tracker=tracker)
+    # Built field by field rather than with ``_replace``: compiled by torch 2.11, ``_replace`` returns a
+    # malformed tuple that the next compiled call cannot read.
+    return LossScaleState(
+        scale=scale,
+        growth_tracker=tracker,
+        growth_factor=state.growth_factor,
+        backoff_factor=state.backoff_factor,
+        growth_interval=state.growth_interval,
+    )

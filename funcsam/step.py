@@ -180,29 +180,32 @@ def _gradient_fn(loss_fn: Callable, spec, loss_scale: LossScaleState | None):
     (None, an empty tuple and the like have no leaves) and is rebuilt outside.
     """
     aux_spec = {}
+    # The scale enters the differentiated function as an argument, not through its closure: Dynamo
+    # in torch 2.11 fails on a tensor closed over inside torch.func.grad.
+    scale = None if loss_scale is None else loss_scale.scale
 
-    def scaled_loss(leaves, buffers, batch):
+    def scaled_loss(leaves, buffers, batch, scale):
         loss, (new_buffers, aux) = loss_fn(unflatten(spec, leaves), buffers, batch)
         if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
             raise ValueError(f"loss_fn must return a 0-dim loss tensor first, got {type(loss).__name__} "
                              f"{tuple(getattr(loss, 'shape', ()))}")
         aux_leaves, aux_spec["spec"] = flatten(aux)
-        scaled = loss if loss_scale is None else loss * loss_scale.scale
+        scaled = loss if scale is None else loss * scale
         return scaled, (loss.detach(), new_buffers, aux_leaves)
 
     grad_fn = torch.func.grad(scaled_loss, has_aux=True)
 
     def gradient(leaves, buffers, batch):
         if traced_or_transformed():
-            grads, (loss, new_buffers, aux_leaves) = grad_fn(leaves, buffers, batch)
+            grads, (loss, new_buffers, aux_leaves) = grad_fn(leaves, buffers, batch, scale)
         else:
-            grads, (loss, new_buffers, aux_leaves) = _eager_grad(scaled_loss, leaves, buffers, batch)
+            grads, (loss, new_buffers, aux_leaves) = _eager_grad(scaled_loss, leaves, buffers, batch, scale)
         return grads, (loss, new_buffers, unflatten(aux_spec["spec"], aux_leaves))
 
     return gradient
 
 
-def _eager_grad(scaled_loss: Callable, leaves: list, buffers, batch):
+def _eager_grad(scaled_loss: Callable, leaves: list, buffers, batch, scale):
     """What ``torch.func.grad(scaled_loss, has_aux=True)`` returns, by plain reverse-mode autograd.
 
     Outside any transform the two are the same computation, but ``torch.func.grad`` always records
@@ -212,7 +215,7 @@ def _eager_grad(scaled_loss: Callable, leaves: list, buffers, batch):
     """
     with torch.enable_grad():
         differentiable = [leaf.detach().requires_grad_() for leaf in leaves]
-        scaled, (loss, new_buffers, aux_leaves) = scaled_loss(differentiable, buffers, batch)
+        scaled, (loss, new_buffers, aux_leaves) = scaled_loss(differentiable, buffers, batch, scale)
         grads = torch.autograd.grad(scaled, differentiable, allow_unused=True)
     grads = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, grads)]
     detach = lambda tree: optree.tree_map(torch.Tensor.detach, tree)  # noqa: E731
