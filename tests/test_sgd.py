@@ -2,6 +2,7 @@
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -21,32 +22,22 @@ def torch_sgd(model, batches, **hyper):
     return params_and_buffers(model)[0]
 
 
-def _skip_invalid(momentum, dampening, nesterov):
-    return nesterov and (momentum == 0 or dampening != 0)
+RUN = {
+    "sam_step": lambda model, batches, hyper: run_sam_step(model, batches, 0.0, 0.1, **hyper)[0],
+    "SAMSGD": lambda model, batches, hyper: run_samsgd(model, batches, lr=0.1, rho=0.0, **hyper)[0],
+}
 
 
 @HYPER
-def test_rho_zero_sam_step_matches_torch_sgd(momentum, dampening, weight_decay, nesterov):
-    if _skip_invalid(momentum, dampening, nesterov):
-        return
+@pytest.mark.parametrize("api", list(RUN))
+def test_rho_zero_matches_torch_sgd_over_ten_steps(api, momentum, dampening, weight_decay, nesterov):
+    if nesterov and (momentum == 0 or dampening != 0):
+        pytest.skip("torch.optim.SGD rejects nesterov without momentum or with dampening")
     model = mlp()
     batches = classification_batches(10, 16, (6,))
     hyper = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     expected = torch_sgd(model, batches, lr=0.1, **hyper)
-    params, _ = run_sam_step(model, batches, 0.0, 0.1, **hyper)
-    assert_trees_close(params, expected, atol=1e-6)
-
-
-@HYPER
-def test_rho_zero_samsgd_matches_torch_sgd(momentum, dampening, weight_decay, nesterov):
-    if _skip_invalid(momentum, dampening, nesterov):
-        return
-    model = mlp()
-    batches = classification_batches(10, 16, (6,))
-    hyper = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-    expected = torch_sgd(model, batches, lr=0.1, **hyper)
-    params, _ = run_samsgd(model, batches, lr=0.1, rho=0.0, **hyper)
-    assert_trees_close(params, expected, atol=1e-6)
+    assert_trees_close(RUN[api](model, batches, hyper), expected, atol=1e-6)
 
 
 def test_rho_zero_with_tensor_lr_matches_torch_sgd():
