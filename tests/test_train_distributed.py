@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import train.cifar10 as cifar10
 from test_train_resume import assert_same_trajectory
@@ -113,9 +114,9 @@ def test_every_rank_resumes_after_a_crash_and_ends_as_the_uninterrupted_run(runs
 def test_global_sync_with_sync_bn_matches_one_process(runs, tmp_path):
     """Two processes x 16 images = one process x 32 images, up to float32 summation order: the
     gradient is a mean of two half-batch means (all-reduced) instead of one mean, and the BatchNorm
-    statistics are combined from per-rank (mean, var, n). Those ~1e-7 relative differences pass
-    through 32 SAM steps with momentum (lr 0.1), hence 1e-4 rather than the library tests' 1e-5
-    after two steps."""
+    statistics are combined from per-rank (mean, var, n). After 32 SAM steps with momentum those
+    round-off differences measured at most 1.2e-6 (abs, a running variance; 6e-7 relative): 1e-5
+    leaves an 8x margin for other CPUs' kernels, and is the library tests' tolerance."""
     root, ranks = runs
     assert_succeeded(ranks["sync_bn"])
     assert cifar10.main(tiny_args(tmp_path / "one")) == 0
@@ -123,11 +124,11 @@ def test_global_sync_with_sync_bn_matches_one_process(runs, tmp_path):
     assert two["step"] == one["step"] == 32
     for key in ("params", "buffers"):
         for name, value in one[key].items():
-            torch.testing.assert_close(two[key][name], value, rtol=1e-4, atol=1e-4, msg=f"{key} {name}")
+            torch.testing.assert_close(two[key][name], value, rtol=1e-5, atol=1e-5, msg=f"{key} {name}")
     rows_two = [json.loads(line) for line in (root / "sync_bn" / "metrics.jsonl").read_text().splitlines()]
     rows_one = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows_two, rows_one):
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)  # every process's images counted
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)  # every process's images counted
         assert a["train_acc"] == b["train_acc"] and a["test_acc"] == b["test_acc"]
 
 
@@ -206,3 +207,18 @@ def test_checkpoint_from_before_these_flags_resumes_as_one_process(tmp_path, mon
     torch.save(saved, out / CHECKPOINT_NAME)
     assert cifar10.main(args + ["--resume"]) == 0
     assert load_checkpoint(out / CHECKPOINT_NAME)["epoch"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", [["--m-sharpness", "2"], ["--accumulate", "2"]])
+def test_compiled_parts_compile_once_and_never_recompile(tmp_path, flag):
+    """m-sharpness (vmap over parts) and accumulation (a loop over micro-batches) stay one
+    fullgraph step whose graph survives a learning rate that changes every step."""
+    torch._dynamo.reset()
+    counters.clear()
+    out = tmp_path / "run"
+    assert cifar10.main(tiny_args(out, "--compile", *flag, "--epochs", "3", "--limit-steps", "2")) == 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # train step + eval step
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len({r["lr"] for r in rows}) == 3 and all(r["train_loss"] == r["train_loss"] for r in rows)
