@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import socket
+import subprocess
 
 import pytest
 import torch
@@ -118,3 +121,40 @@ def reference_sam_sgd(model, batches, *, rho, lr, momentum=0.0, dampening=0.0, w
                     d = d + momentum * buffers[i] if nesterov else buffers[i]
                 p.sub_(lr * d)
     return {k: v.detach() for k, v in model.named_parameters()}
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_gloo_ranks(argv: list, world: int, timeout: float, cwd=None, extra_env=None) -> list:
+    """Run ``world`` copies of ``argv`` as the ranks of one gloo job on 127.0.0.1, as torchrun would.
+
+    Each gets RANK/LOCAL_RANK/WORLD_SIZE, a free loopback port, one thread and no GPU; all are
+    killed after ``timeout`` seconds. ``extra_env`` adds variables (a None value removes one).
+    Returns one ``subprocess.CompletedProcess`` per rank.
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
+                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        for key, value in (extra_env or {}).items():  # None removes an inherited variable
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
+        procs.append(subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+            for proc, (out, err) in zip(procs, outputs)]

@@ -6,8 +6,6 @@ once from scratch and once resuming from the checkpoint rank 0 wrote, as after a
 
 import copy
 import os
-import socket
-import subprocess
 import sys
 
 import pytest
@@ -17,7 +15,7 @@ import torch.nn.functional as F
 
 import funcsam
 import funcsam.distributed as fd
-from helpers import assert_trees_close, bn_convnet, mlp, params_and_buffers, reference_sam_sgd
+from helpers import assert_trees_close, bn_convnet, launch_gloo_ranks, mlp, params_and_buffers, reference_sam_sgd
 
 sys.path.insert(0, os.path.dirname(__file__))
 import dp_worker  # noqa: E402  (the worker's data and hyperparameters are the reference's too)
@@ -26,33 +24,12 @@ WORLD = 2
 TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(out_dir, phase):
     """Run both ranks of ``phase`` to completion (or kill them), as torchrun would start them."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(os.path.dirname(__file__), "dp_worker.py"), str(out_dir), phase],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        ))
-    try:
-        outputs = [proc.communicate(timeout=TIMEOUT_S)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    for rank, (proc, output) in enumerate(zip(procs, outputs)):
-        assert proc.returncode == 0, f"rank {rank} of {phase!r} failed:\n{output}"
+    worker = os.path.join(os.path.dirname(__file__), "dp_worker.py")
+    ranks = launch_gloo_ranks([sys.executable, worker, str(out_dir), phase], WORLD, TIMEOUT_S)
+    for rank, done in enumerate(ranks):
+        assert done.returncode == 0, f"rank {rank} of {phase!r} failed:\n{done.stdout}\n{done.stderr}"
     return [torch.load(out_dir / f"{phase}_rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 

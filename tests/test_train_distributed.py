@@ -8,8 +8,6 @@ refused with exit code 2 on every rank.
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import train.cifar10 as cifar10
+from helpers import launch_gloo_ranks
 from test_train_resume import assert_same_trajectory
 from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
@@ -34,36 +33,11 @@ def tiny_args(out: Path, *extra: str) -> list[str]:
             "--epochs", "2", "--warmup-epochs", "1", "--device", "cpu", "--out", str(out), *extra]
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(argv: list[str], crash_at_epoch: int | None = None) -> list[subprocess.CompletedProcess]:
     """Both ranks of ``python -m train.cifar10 ARGV`` to completion (or killed after TIMEOUT_S)."""
-    port = _free_port()
-    procs = []
-    for rank in range(WORLD):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), GLOO_SOCKET_IFNAME="lo",
-                   OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-        env.pop("CRASH_AT_EPOCH", None)
-        if crash_at_epoch is not None:
-            env["CRASH_AT_EPOCH"] = str(crash_at_epoch)
-        procs.append(subprocess.Popen(
-            [sys.executable, str(WORKER), *argv], cwd=REPO, env=env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    try:
-        outputs = [proc.communicate(timeout=TIMEOUT_S) for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-            for proc, (out, err) in zip(procs, outputs)]
+    crash = None if crash_at_epoch is None else str(crash_at_epoch)
+    return launch_gloo_ranks([sys.executable, str(WORKER), *argv], WORLD, TIMEOUT_S, cwd=REPO,
+                             extra_env={"CRASH_AT_EPOCH": crash})
 
 
 def assert_succeeded(ranks: list[subprocess.CompletedProcess]) -> None:
