@@ -31,14 +31,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .batching import batch_size
-from .hyperparameters import is_static_zero
 from .loss_scale import LossScaleState, update_loss_scale
-from .perturbation import perturbation_and_norm
-from .step import (
-    GradReduce, MomentumState, SAMStepOutput, _check_step_inputs, _descend, _gradient_fn,
-    _spread_non_finite, _unscale,
-)
-from .tree import PyTree, Tensor, flatten, global_norm, unflatten
+from .step import GradReduce, MomentumState, SAMStepOutput, _check_step_inputs, _descend, _gradient_fn, _sam_gradient
+from .tree import PyTree, Tensor, flatten, unflatten
 
 
 def accumulated_sam_step(
@@ -101,27 +96,17 @@ def accumulated_sam_step(
         grads = _accumulate(grads, micro_grads, weight)
         losses.append(loss * weight)
         auxes.append(aux)
-    # With rho == 0 the first gradient is the one applied, so it is reduced under either sync.
-    if grad_reduce is not None and (sam_sync == "global" or is_static_zero(rho)):
-        grads = grad_reduce(grads)
-    grads = _unscale(grads, loss_scale)
 
-    if is_static_zero(rho):
-        sam_grads = grads
-        grad_norm = global_norm(grads)
-        finite = torch.isfinite(grad_norm)
-    else:
-        perturbation, grad_norm = perturbation_and_norm(grads, leaves, rho, adaptive=adaptive, eta=eta, eps=eps)
-        perturbed = torch._foreach_add(leaves, perturbation)
+    def accumulated_gradient_at(perturbed):
         sam_grads = None
         for micro_batch, weight in zip(micro_batches, weights):
             sam_grads = _accumulate(sam_grads, gradient(perturbed, buffers, micro_batch)[0], weight)
-        if grad_reduce is not None:
-            if sam_sync == "local":
-                sam_grads = _spread_non_finite(sam_grads, grad_norm)
-            sam_grads = grad_reduce(sam_grads)
-        sam_grads = _unscale(sam_grads, loss_scale)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
+        return sam_grads
+
+    sam_grads, grad_norm, finite = _sam_gradient(
+        grads, leaves, rho, accumulated_gradient_at,
+        adaptive=adaptive, eta=eta, eps=eps, loss_scale=loss_scale, grad_reduce=grad_reduce, sam_sync=sam_sync,
+    )
 
     new_params, kept_buffers, new_momentum_state = _descend(
         leaves, spec, sam_grads, finite, momentum_state, momentum_leaves, buffers, new_buffers, lr,

@@ -228,6 +228,42 @@ def _unscale(grads: list, loss_scale: LossScaleState | None) -> list:
     return torch._foreach_div(grads, loss_scale.scale)
 
 
+def _sam_gradient(
+    grads: list,
+    leaves: list,
+    rho: float | Tensor,
+    gradient_at: Callable[[list], list],
+    *,
+    adaptive: bool,
+    eta: float,
+    eps: float,
+    loss_scale: LossScaleState | None,
+    grad_reduce: GradReduce | None,
+    sam_sync: str,
+) -> tuple[list, Tensor, Tensor]:
+    """From the (scaled, unreduced) first gradient to ``(g_sam, ||g||, finite)``.
+
+    Reduces and unscales ``grads``, perturbs ``leaves`` by e, and takes the second gradient with
+    ``gradient_at(w + e)`` (scaled, unreduced; one batch, or accumulated over micro-batches), which
+    it reduces and unscales in turn. With the Python number ``rho == 0`` the first gradient is the
+    one applied, so it is reduced under either sync and no second gradient is taken.
+    """
+    if grad_reduce is not None and (sam_sync == "global" or is_static_zero(rho)):
+        grads = grad_reduce(grads)
+    grads = _unscale(grads, loss_scale)
+    if is_static_zero(rho):
+        grad_norm = global_norm(grads)
+        return grads, grad_norm, torch.isfinite(grad_norm)
+    perturbation, grad_norm = perturbation_and_norm(grads, leaves, rho, adaptive=adaptive, eta=eta, eps=eps)
+    sam_grads = gradient_at(torch._foreach_add(leaves, perturbation))
+    if grad_reduce is not None:
+        if sam_sync == "local":
+            sam_grads = _spread_non_finite(sam_grads, grad_norm)
+        sam_grads = grad_reduce(sam_grads)
+    sam_grads = _unscale(sam_grads, loss_scale)
+    return sam_grads, grad_norm, torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
+
+
 def sam_step(
     params: PyTree,
     buffers: PyTree,
@@ -287,28 +323,10 @@ def sam_step(
 
     gradient = _gradient_fn(loss_fn, spec, loss_scale)
     grads, (loss, new_buffers, aux) = gradient(leaves, buffers, batch)
-    # With rho == 0 the first gradient is the one applied, so it is reduced under either sync.
-    if grad_reduce is not None and (sam_sync == "global" or is_static_zero(rho)):
-        grads = grad_reduce(grads)
-    grads = _unscale(grads, loss_scale)
-
-    if is_static_zero(rho):
-        sam_grads = grads
-        grad_norm = global_norm(grads)
-        finite = torch.isfinite(grad_norm)
-    else:
-        perturbation, grad_norm = perturbation_and_norm(
-            grads, leaves, rho, adaptive=adaptive, eta=eta, eps=eps
-        )
-        perturbed = torch._foreach_add(leaves, perturbation)
-        sam_grads, _ = gradient(perturbed, buffers, batch)
-        if grad_reduce is not None:
-            if sam_sync == "local":
-                sam_grads = _spread_non_finite(sam_grads, grad_norm)
-            sam_grads = grad_reduce(sam_grads)
-        sam_grads = _unscale(sam_grads, loss_scale)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
-
+    sam_grads, grad_norm, finite = _sam_gradient(
+        grads, leaves, rho, lambda perturbed: gradient(perturbed, buffers, batch)[0],
+        adaptive=adaptive, eta=eta, eps=eps, loss_scale=loss_scale, grad_reduce=grad_reduce, sam_sync=sam_sync,
+    )
     new_params, kept_buffers, new_momentum_state = _descend(
         leaves, spec, sam_grads, finite, momentum_state, momentum_leaves, buffers, new_buffers, lr,
         momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
