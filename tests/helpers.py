@@ -52,6 +52,17 @@ def params_and_buffers(model: nn.Module):
     return params, buffers
 
 
+def torch_sgd(model, batches, **hyper):
+    """Params after torch.optim.SGD over ``batches`` with cross-entropy, on a copy of ``model``."""
+    model = copy.deepcopy(model)
+    optimizer = torch.optim.SGD(model.parameters(), **hyper)
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return params_and_buffers(model)[0]
+
+
 def run_sam_step(model, batches, rho, lr, **hyper):
     """Params and buffers after ``sam_step`` over ``batches`` (model left untouched)."""
     params, buffers = params_and_buffers(model)

@@ -1,25 +1,13 @@
 """The descent half: with rho = 0 both APIs must be torch.optim.SGD, to the letter."""
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import funcsam
-from helpers import assert_trees_close, cartesian, classification_batches, mlp, params_and_buffers, run_samsgd, run_sam_step
+from helpers import assert_trees_close, cartesian, classification_batches, mlp, params_and_buffers, run_samsgd, run_sam_step, torch_sgd
 
 HYPER = cartesian(momentum=[0.0, 0.9], dampening=[0.0, 0.3], weight_decay=[0.0, 5e-4], nesterov=[False, True])
-
-
-def torch_sgd(model, batches, **hyper):
-    model = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), **hyper)
-    for inputs, targets in batches:
-        optimizer.zero_grad()
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.step()
-    return params_and_buffers(model)[0]
 
 
 RUN = {

@@ -14,7 +14,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from train import data
 from train.cifar10 import main
 from train.data import (
     CIFAR_SOURCES, DatasetUnavailable, cutout, load_cifar, make_epoch_plan, make_synthetic, random_crop, random_flip,

@@ -2,7 +2,6 @@
 SIGKILL mid-epoch; unusable checkpoints are refused and left untouched."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
