@@ -20,8 +20,7 @@ import torch.nn.functional as F
 import funcsam
 from funcsam.msharpness import combine_part_buffers
 from funcsam.perturbation import perturbation_and_norm
-from funcsam.step import _descend, _gradient_fn
-from funcsam.tree import flatten
+from funcsam.engine import SAMGradient, SAMOptions, finish_step, gradient_fn, prepare_step
 from train.models import build_model
 
 HYPER = dict(momentum=0.9, weight_decay=5e-4)
@@ -30,9 +29,9 @@ LR, RHO = 0.1, 0.05
 
 def loop_over_parts_step(params, buffers, batch, loss_fn, rho, lr, state, *, m):
     """The baseline: the step of ``m_sharpness_sam_step`` with a Python loop over the m parts."""
-    leaves, spec = flatten(params)
-    momentum_leaves, _ = flatten(state.momentum_buffer)
-    gradient = _gradient_fn(loss_fn, spec, None)
+    setup = prepare_step(params, loss_fn, rho, lr, state, funcsam.sgd(**HYPER), SAMOptions())
+    leaves = setup.leaves
+    gradient = gradient_fn(loss_fn, setup)
     sam_grads, part_buffers = None, []
     for part in funcsam.split_batch(batch, m):
         grads, (_, new_buffers, _) = gradient(leaves, buffers, part)
@@ -42,8 +41,9 @@ def loop_over_parts_step(params, buffers, batch, loss_fn, rho, lr, state, *, m):
         sam_grads = (torch._foreach_div(part_sam_grads, m) if sam_grads is None
                      else torch._foreach_add(sam_grads, part_sam_grads, alpha=1 / m))
     stacked = {k: torch.stack([b[k] for b in part_buffers]) for k in buffers}
-    return _descend(leaves, spec, sam_grads, torch.tensor(True, device=leaves[0].device), state, momentum_leaves, buffers,
-                    combine_part_buffers(stacked), lr, nesterov=False, dampening=0.0, max_grad_norm=None, **HYPER)
+    finite = torch.tensor(True, device=leaves[0].device)
+    zero = torch.zeros((), device=leaves[0].device)
+    return finish_step(setup, SAMGradient(sam_grads, zero, finite), buffers, combine_part_buffers(stacked), zero, None)
 
 
 def make_variant(step_fn, params, buffers, batch, loss_fn, m):

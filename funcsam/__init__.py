@@ -1,9 +1,12 @@
 """funcsam: Sharpness-Aware Minimization on torch.func.
 
-The pure step :func:`sam_step` over parameter pytrees, and :class:`SAMSGD`, a drop-in
-``torch.optim.Optimizer`` computing the same step with a closure.
+The pure step :func:`sam_step` over parameter pytrees with any base optimizer (:func:`sgd`,
+:func:`adam`, :func:`adamw`), and :class:`SAMSGD`, a drop-in ``torch.optim.Optimizer`` computing the
+same step with a closure.
 """
 
+from .adam import adam_update
+from .base import Adam, AdamState, SGD, adam, adamw, sgd
 from .clipping import clip_by_global_norm
 from .loss import make_loss_fn
 from .loss_scale import LossScaleState, init_loss_scale, update_loss_scale
@@ -16,6 +19,13 @@ from .tree import global_norm
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adam",
+    "AdamState",
+    "SGD",
+    "adam",
+    "adam_update",
+    "adamw",
+    "sgd",
     "LossScaleState",
     "MomentumState",
     "SAMSGD",

@@ -6,7 +6,7 @@ all the micro-batches B_1 .. B_K (sizes n_i, N = sum n_i)::
     g      = sum_i (n_i / N) grad L_{B_i}(w)            first pass, accumulated
     e      = rho * g / (||g||_2 + eps)                  one perturbation (ASAM as in sam_step)
     g_sam  = sum_i (n_i / N) grad L_{B_i}(w + e)        second pass, accumulated
-    w, buf = SGD(w, g_sam, buf; ...)                    the same descent as sam_step
+    w, s   = base.update(w, g_sam, s; lr)              the same descent as sam_step
 
 For a loss that is the mean over its examples this is exactly the step on the concatenated batch
 (up to float rounding), for models without BatchNorm. Memory holds one micro-batch's activations
@@ -30,9 +30,13 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .base import BaseOptimizer
 from .batching import batch_size
-from .loss_scale import LossScaleState, update_loss_scale
-from .step import GradReduce, MomentumState, SAMStepOutput, _check_step_inputs, _descend, _gradient_fn, _sam_gradient
+from .engine import (
+    GradReduce, SAMOptions, SAMStepOutput, check_batch, finish_step, gradient_fn, prepare_step, resolve_base,
+    sam_gradient,
+)
+from .loss_scale import LossScaleState
 from .tree import PyTree, Tensor, flatten, unflatten
 
 
@@ -43,12 +47,13 @@ def accumulated_sam_step(
     loss_fn: Callable,
     rho: float | Tensor,
     lr: float | Tensor,
-    momentum_state: MomentumState,
+    momentum_state: Any,
     *,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
+    base: BaseOptimizer | None = None,
+    momentum: float | None = None,
+    dampening: float | None = None,
+    weight_decay: float | None = None,
+    nesterov: bool | None = None,
     adaptive: bool = False,
     eta: float = 0.0,
     eps: float = 1e-12,
@@ -75,9 +80,10 @@ def accumulated_sam_step(
         0-dim aux leaf comes back stacked, shape ``(K,)``), and ``buffers`` after the first pass
         over all micro-batches in order (see the module docstring).
     """
-    leaves, spec, momentum_leaves = _check_step_inputs(
-        params, loss_fn, momentum_state, sam_sync, lr=lr, rho=rho, momentum=momentum, dampening=dampening,
-        weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
+    setup = prepare_step(
+        params, loss_fn, rho, lr, momentum_state,
+        resolve_base(base, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
+        SAMOptions(adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce, sam_sync),
     )
     if isinstance(micro_batches, (torch.Tensor, tuple, dict)) or not isinstance(micro_batches, Sequence):
         raise TypeError(
@@ -86,13 +92,15 @@ def accumulated_sam_step(
         )
     if len(micro_batches) == 0:
         raise ValueError("micro_batches is empty: pass at least one batch")
+    for index, micro_batch in enumerate(micro_batches):
+        check_batch(micro_batch, f"micro_batches[{index}]")
     sizes = [batch_size(micro_batch) for micro_batch in micro_batches]
     weights = [size / sum(sizes) for size in sizes]
-    gradient = _gradient_fn(loss_fn, spec, loss_scale)
+    gradient = gradient_fn(loss_fn, setup)
 
     grads, losses, auxes, new_buffers = None, [], [], buffers
     for micro_batch, weight in zip(micro_batches, weights):
-        micro_grads, (loss, new_buffers, aux) = gradient(leaves, new_buffers, micro_batch)
+        micro_grads, (loss, new_buffers, aux) = gradient(setup.leaves, new_buffers, micro_batch)
         grads = _accumulate(grads, micro_grads, weight)
         losses.append(loss * weight)
         auxes.append(aux)
@@ -103,26 +111,8 @@ def accumulated_sam_step(
             sam_grads = _accumulate(sam_grads, gradient(perturbed, buffers, micro_batch)[0], weight)
         return sam_grads
 
-    sam_grads, grad_norm, finite = _sam_gradient(
-        grads, leaves, rho, accumulated_gradient_at,
-        adaptive=adaptive, eta=eta, eps=eps, loss_scale=loss_scale, grad_reduce=grad_reduce, sam_sync=sam_sync,
-    )
-
-    new_params, kept_buffers, new_momentum_state = _descend(
-        leaves, spec, sam_grads, finite, momentum_state, momentum_leaves, buffers, new_buffers, lr,
-        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        max_grad_norm=max_grad_norm,
-    )
-    return SAMStepOutput(
-        params=new_params,
-        buffers=kept_buffers,
-        momentum_state=new_momentum_state,
-        loss=torch.stack(losses).sum(),
-        aux=_concatenate_micro_batches(auxes),
-        finite=finite,
-        grad_norm=grad_norm,
-        loss_scale=None if loss_scale is None else update_loss_scale(loss_scale, finite),
-    )
+    sam = sam_gradient(setup, grads, accumulated_gradient_at)
+    return finish_step(setup, sam, buffers, new_buffers, torch.stack(losses).sum(), _concatenate_micro_batches(auxes))
 
 
 def _accumulate(total: list[Tensor] | None, grads: list[Tensor], weight: float) -> list[Tensor]:

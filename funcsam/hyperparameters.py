@@ -8,6 +8,7 @@ value would force a host sync on every step.
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -27,44 +28,29 @@ def check_scalar(name: str, value, *, allow_tensor: bool = False, minimum: float
                 f"{name} must be a 0-dim floating tensor, got shape {tuple(value.shape)} and dtype {value.dtype}"
             )
         if value.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(value >= minimum):
-                raise ValueError(f"{name} must be >= {minimum}, got {value.item()}")
+            _check_value(name, value.item(), minimum)
         return
     if not _is_number(value):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
-    if not value >= minimum:  # also rejects NaN
+    _check_value(name, value, minimum)
+
+
+def _check_value(name: str, value: float, minimum: float) -> None:
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}")
+    if not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_step_hyperparameters(
-    *,
-    lr,
-    rho,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-    eta: float,
-    eps: float,
-    max_grad_norm: float | None,
-) -> None:
-    """Raise on the first bad hyperparameter; silent when all are valid."""
+def check_sam_hyperparameters(*, lr, rho, eta: float, eps: float, max_grad_norm: float | None) -> None:
+    """Raise on the first bad hyperparameter of the SAM part of a step; silent when all are valid.
+    (The base optimizer checks its own when it is built: ``funcsam.sgd``, ``funcsam.adamw``, ...)"""
     check_scalar("lr", lr, allow_tensor=True)
     check_scalar("rho", rho, allow_tensor=True)
-    check_scalar("momentum", momentum)
-    check_scalar("dampening", dampening)
-    check_scalar("weight_decay", weight_decay)
     check_scalar("eta", eta)
     check_scalar("eps", eps)
     if not eps > 0:
         raise ValueError(f"eps must be > 0 (it keeps a zero gradient from giving NaN), got {eps}")
-    if not isinstance(nesterov, bool):
-        raise TypeError(f"nesterov must be a bool, got {nesterov!r}")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(
-            f"nesterov=True needs momentum > 0 and dampening == 0 (as torch.optim.SGD), "
-            f"got momentum={momentum}, dampening={dampening}"
-        )
     if max_grad_norm is not None:
         check_scalar("max_grad_norm", max_grad_norm)
         if not max_grad_norm > 0:

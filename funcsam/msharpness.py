@@ -7,7 +7,7 @@ into K equal contiguous parts B_1 .. B_K (m = B / K)::
     g_k     = grad L_{B_k}(w)                         k = 1 .. K, one vmapped call
     e_k     = rho * g_k / (||g_k||_2 + eps)           (ASAM: rho * T^2 g_k / (||T g_k||_2 + eps))
     g_sam   = (1/K) sum_k grad L_{B_k}(w + e_k)       one vmapped call, then the mean over parts
-    w, buf  = SGD(w, g_sam, buf; ...)                 the same descent as sam_step
+    w, s    = base.update(w, g_sam, s; lr)            the same descent as sam_step
 
 Usage::
 
@@ -32,14 +32,15 @@ from typing import Any, Callable
 
 import torch
 
+from .base import BaseOptimizer
 from .batching import stack_parts
-from .hyperparameters import is_static_zero
-from .loss_scale import LossScaleState, update_loss_scale
-from .perturbation import perturbation_and_norm
-from .step import (
-    GradReduce, MomentumState, SAMStepOutput, _check_step_inputs, _descend, _gradient_fn,
-    _spread_non_finite, _unscale, sam_step,
+from .engine import (
+    GradReduce, SAMGradient, SAMOptions, SAMStepOutput, StepSetup, check_batch, finish_step, gradient_fn, perturb,
+    prepare_step, reduce_gradients, resolve_base, spread_non_finite, unscale,
 )
+from .hyperparameters import is_static_zero
+from .loss_scale import LossScaleState
+from .step import sam_step
 from .tree import PyTree, Tensor, flatten, global_norm, unflatten
 
 
@@ -50,13 +51,14 @@ def m_sharpness_sam_step(
     loss_fn: Callable,
     rho: float | Tensor,
     lr: float | Tensor,
-    momentum_state: MomentumState,
+    momentum_state: Any,
     *,
     m: int,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
+    base: BaseOptimizer | None = None,
+    momentum: float | None = None,
+    dampening: float | None = None,
+    weight_decay: float | None = None,
+    nesterov: bool | None = None,
     adaptive: bool = False,
     eta: float = 0.0,
     eps: float = 1e-12,
@@ -92,34 +94,29 @@ def m_sharpness_sam_step(
     """
     if not isinstance(m, int) or isinstance(m, bool) or m < 1:
         raise ValueError(f"m (the number of m-sharpness parts) must be a positive int, got {m!r}")
-    hyperparameters = dict(
-        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, adaptive=adaptive,
-        eta=eta, eps=eps, max_grad_norm=max_grad_norm, loss_scale=loss_scale, grad_reduce=grad_reduce,
-    )
+    base = resolve_base(base, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
     if m == 1:
-        return sam_step(params, buffers, batch, loss_fn, rho, lr, momentum_state, sam_sync="local", **hyperparameters)
-    return _vmapped_m_sharpness_step(params, buffers, batch, loss_fn, rho, lr, momentum_state, m=m, **hyperparameters)
+        return sam_step(params, buffers, batch, loss_fn, rho, lr, momentum_state, base=base, adaptive=adaptive,
+                        eta=eta, eps=eps, max_grad_norm=max_grad_norm, loss_scale=loss_scale,
+                        grad_reduce=grad_reduce, sam_sync="local")
+    setup = prepare_step(params, loss_fn, rho, lr, momentum_state, base,
+                         SAMOptions(adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce, "local"))
+    return vmapped_m_sharpness_step(setup, buffers, batch, loss_fn, m)
 
 
-def _vmapped_m_sharpness_step(
-    params, buffers, batch, loss_fn, rho, lr, momentum_state, *, m, momentum, dampening, weight_decay, nesterov,
-    adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce,
-) -> SAMStepOutput:
+def vmapped_m_sharpness_step(setup: StepSetup, buffers: PyTree, batch: Any, loss_fn: Callable, m: int) -> SAMStepOutput:
     """:func:`m_sharpness_sam_step` for any ``m >= 1``, always through vmap."""
-    leaves, spec, momentum_leaves = _check_step_inputs(
-        params, loss_fn, momentum_state, "local", lr=lr, rho=rho, momentum=momentum, dampening=dampening,
-        weight_decay=weight_decay, nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
-    )
+    check_batch(batch)
     parts = stack_parts(batch, m)
     buffer_leaves, buffer_spec = flatten(buffers)
     # Each part updates its own copy of the running statistics in place (BatchNorm writes into the
     # buffers it is given); an unbatched buffer cannot receive a batched update under vmap.
     part_buffers = unflatten(buffer_spec, [leaf.expand(m, *leaf.shape).clone() for leaf in buffer_leaves])
-
-    gradient = _gradient_fn(loss_fn, spec, loss_scale)
+    gradient = gradient_fn(loss_fn, setup)
+    loss_scale = setup.options.loss_scale
 
     def first_pass(part_buffers, part):
-        return gradient(leaves, part_buffers, part)
+        return gradient(setup.leaves, part_buffers, part)
 
     def perturbed_pass(perturbed_leaves, part_buffers, part):
         return gradient(perturbed_leaves, part_buffers, part)[0]
@@ -127,46 +124,26 @@ def _vmapped_m_sharpness_step(
     part_grads, (part_losses, part_new_buffers, part_aux) = torch.func.vmap(
         first_pass, randomness="different"
     )(part_buffers, parts)
-    part_grads = _unscale(part_grads, loss_scale)
+    part_grads = unscale(part_grads, loss_scale)
 
-    if is_static_zero(rho):
+    if is_static_zero(setup.rho):
         part_sam_grads = part_grads
         part_norms = torch.stack([global_norm(grads) for grads in _unstack(part_grads)])
     else:
-        perturbations, norms = zip(*[
-            perturbation_and_norm(grads, leaves, rho, adaptive=adaptive, eta=eta, eps=eps)
-            for grads in _unstack(part_grads)
-        ])
+        perturbations, norms = zip(*[perturb(setup, grads) for grads in _unstack(part_grads)])
         part_norms = torch.stack(norms)
-        perturbed = torch._foreach_add(_stack(perturbations), leaves)  # (K, ...) + (...) broadcasts
-        part_sam_grads = torch.func.vmap(perturbed_pass, randomness="different")(
-            perturbed, part_buffers, parts
-        )
-        part_sam_grads = _unscale(part_sam_grads, loss_scale)
+        perturbed = torch._foreach_add(_stack(perturbations), setup.leaves)  # (K, ...) + (...) broadcasts
+        part_sam_grads = torch.func.vmap(perturbed_pass, randomness="different")(perturbed, part_buffers, parts)
+        part_sam_grads = unscale(part_sam_grads, loss_scale)
 
     sam_grads = [grad.mean(dim=0) for grad in part_sam_grads]
     norms_finite = torch.isfinite(part_norms).all()
-    if grad_reduce is not None:
+    if setup.options.grad_reduce is not None:
         # part_norms.sum() is non-finite exactly when some part's norm is.
-        sam_grads = grad_reduce(_spread_non_finite(sam_grads, part_norms.sum()))
+        sam_grads = reduce_gradients(setup.options.grad_reduce, spread_non_finite(sam_grads, part_norms.sum()))
     finite = norms_finite & torch.isfinite(global_norm(sam_grads))
-
-    new_buffers = combine_part_buffers(part_new_buffers)
-    new_params, kept_buffers, new_momentum_state = _descend(
-        leaves, spec, sam_grads, finite, momentum_state, momentum_leaves, buffers, new_buffers, lr,
-        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
-        max_grad_norm=max_grad_norm,
-    )
-    return SAMStepOutput(
-        params=new_params,
-        buffers=kept_buffers,
-        momentum_state=new_momentum_state,
-        loss=part_losses.mean(),
-        aux=concatenate_parts(part_aux),
-        finite=finite,
-        grad_norm=part_norms.mean(),
-        loss_scale=None if loss_scale is None else update_loss_scale(loss_scale, finite),
-    )
+    return finish_step(setup, SAMGradient(sam_grads, part_norms.mean(), finite), buffers,
+                       combine_part_buffers(part_new_buffers), part_losses.mean(), concatenate_parts(part_aux))
 
 
 def combine_part_buffers(part_buffers: PyTree) -> PyTree:

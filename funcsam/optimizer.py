@@ -23,7 +23,8 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from .clipping import clip_by_global_norm
-from .hyperparameters import check_step_hyperparameters, is_static_zero
+from .base import check_sgd_hyperparameters
+from .hyperparameters import check_sam_hyperparameters, is_static_zero
 from .perturbation import ascent_direction, sam_perturbation
 from .sgd import sgd_apply, sgd_direction
 from .tree import Tensor, clone_all, global_norm, select
@@ -66,10 +67,8 @@ class SAMSGD(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
     ):
-        check_step_hyperparameters(
-            lr=lr, rho=rho, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-            nesterov=nesterov, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
-        )
+        check_sam_hyperparameters(lr=lr, rho=rho, eta=eta, eps=eps, max_grad_norm=max_grad_norm)
+        check_sgd_hyperparameters(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
         self.adaptive = bool(adaptive)
@@ -85,11 +84,10 @@ class SAMSGD(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``, rejecting bad hyperparameters first."""
         merged = {**getattr(self, "defaults", {}), **param_group}
-        check_step_hyperparameters(
-            lr=merged["lr"], rho=merged["rho"], momentum=merged["momentum"], dampening=merged["dampening"],
-            weight_decay=merged["weight_decay"], nesterov=merged["nesterov"],
-            eta=self.eta, eps=self.eps, max_grad_norm=self.max_grad_norm,
-        )
+        check_sam_hyperparameters(lr=merged["lr"], rho=merged["rho"], eta=self.eta, eps=self.eps,
+                                  max_grad_norm=self.max_grad_norm)
+        check_sgd_hyperparameters(momentum=merged["momentum"], dampening=merged["dampening"],
+                                  weight_decay=merged["weight_decay"], nesterov=merged["nesterov"])
         super().add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:

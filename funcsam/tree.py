@@ -35,6 +35,13 @@ def unflatten(spec: optree.PyTreeSpec, leaves: Sequence[Tensor]) -> PyTree:
     return optree.tree_unflatten(spec, list(leaves))
 
 
+def leaf_paths(tree: PyTree) -> list[str]:
+    """Each leaf's path in ``tree`` (``"layer.weight"``, ``"0.1"``), in :func:`flatten`'s order; for messages."""
+    if type(tree) is dict and not tree:
+        return []
+    return [".".join(str(key) for key in path) for path in optree.tree_paths(tree)]
+
+
 def same_structure(spec: optree.PyTreeSpec, other: optree.PyTreeSpec) -> bool:
     """Whether two treespecs are equal; always True under torch.compile.
 

@@ -11,7 +11,7 @@ import torch
 from torch.func import grad, jvp
 
 import funcsam
-import funcsam.step
+import funcsam.engine
 
 
 def _problem():
@@ -67,13 +67,13 @@ def test_sam_ends_flatter_than_sgd_from_the_same_start():
 
 def test_a_perturbation_with_the_wrong_sign_does_not_flatten(monkeypatch):
     """The flatness test can fail: descending instead of ascending gives no flatter point."""
-    correct = funcsam.step.perturbation_and_norm
+    correct = funcsam.engine.perturbation_and_norm
 
     def wrong_sign(*args, **kwargs):
         e, norm = correct(*args, **kwargs)
         return [-x for x in e], norm
 
-    monkeypatch.setattr(funcsam.step, "perturbation_and_norm", wrong_sign)
+    monkeypatch.setattr(funcsam.engine, "perturbation_and_norm", wrong_sign)
     _, sgd_sharpness = _train(rho=0.0)
     _, descending_sharpness = _train(rho=0.1)
     assert descending_sharpness > 0.9 * sgd_sharpness

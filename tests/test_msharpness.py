@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import funcsam
-from funcsam.msharpness import _vmapped_m_sharpness_step
+from funcsam.engine import SAMOptions, prepare_step
+from funcsam.msharpness import vmapped_m_sharpness_step
 from helpers import assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, torch_sgd
 
 
@@ -94,12 +95,11 @@ def test_one_part_equals_sam_step(make_model, shape):
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     state = funcsam.init_momentum(params)
-    hyper = dict(momentum=0.9, weight_decay=5e-4, max_grad_norm=0.5)
-    expected = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, **hyper)
+    base = funcsam.sgd(momentum=0.9, weight_decay=5e-4)
+    expected = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, base=base, max_grad_norm=0.5)
     # The public function hands m=1 to sam_step; the vmapped path must agree with it too.
-    out = _vmapped_m_sharpness_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, m=1, nesterov=False,
-                                    dampening=0.0, adaptive=False, eta=0.0, eps=1e-12, loss_scale=None,
-                                    grad_reduce=None, **hyper)
+    setup = prepare_step(params, loss_fn, 0.05, 0.1, state, base, SAMOptions(max_grad_norm=0.5, sam_sync="local"))
+    out = vmapped_m_sharpness_step(setup, buffers, batch, loss_fn, m=1)
     assert_trees_close(out.params, expected.params, atol=1e-6)
     assert_trees_close(out.buffers, expected.buffers, atol=1e-6)
     torch.testing.assert_close(out.loss, expected.loss)

@@ -235,7 +235,7 @@ def test_make_loss_fn_rejects_bad_arguments():
 @pytest.mark.parametrize("unused_parameter", [False, True])
 def test_eager_autograd_path_equals_the_torch_func_grad_path(monkeypatch, unused_parameter):
     """Outside compile/vmap the gradient is taken by plain autograd: it must be torch.func.grad's."""
-    import funcsam.step
+    import funcsam.engine
 
     model = bn_convnet()
     if unused_parameter:
@@ -243,7 +243,7 @@ def test_eager_autograd_path_equals_the_torch_func_grad_path(monkeypatch, unused
     batches = classification_batches(3, 8, (3, 6, 6))
     hyper = dict(momentum=0.9, weight_decay=5e-4)
     fast = run_sam_step(model, batches, 0.05, 0.1, **hyper)
-    monkeypatch.setattr(funcsam.step, "traced_or_transformed", lambda: True)
+    monkeypatch.setattr(funcsam.engine, "traced_or_transformed", lambda: True)
     transformed = run_sam_step(model, batches, 0.05, 0.1, **hyper)
     assert_trees_close(fast[0], transformed[0], atol=1e-6)
     assert_trees_close(fast[1], transformed[1], atol=1e-6)
