@@ -10,7 +10,8 @@ from .base import Adam, AdamState, SGD, adam, adamw, sgd
 from .clipping import clip_by_global_norm
 from .loss import make_loss_fn
 from .loss_scale import LossScaleState, init_loss_scale, update_loss_scale
-from .optimizer import SAMSGD
+from .adapter import SAMOptimizer
+from .optimizer import SAM, SAMSGD
 from .perturbation import ascent_direction, perturbation_and_norm, sam_perturbation
 from .sgd import sgd_apply, sgd_direction
 from .step import MomentumState, SAMStepOutput, init_momentum, sam_step
@@ -28,6 +29,8 @@ __all__ = [
     "sgd",
     "LossScaleState",
     "MomentumState",
+    "SAM",
+    "SAMOptimizer",
     "SAMSGD",
     "SAMStepOutput",
     "ascent_direction",
@@ -51,3 +54,8 @@ from .batching import shard_batch, split_batch
 from .msharpness import m_sharpness_sam_step
 
 __all__ += ["accumulated_sam_step", "distributed", "m_sharpness_sam_step", "shard_batch", "split_batch"]
+
+# Issue 10: a sharpness meter.
+from .sharpness import HessianEigenvalue, HessianTrace, hessian_trace, top_hessian_eigenvalue
+
+__all__ += ["HessianEigenvalue", "HessianTrace", "hessian_trace", "top_hessian_eigenvalue"]

@@ -1,8 +1,13 @@
-"""``SAMSGD``: a drop-in ``torch.optim.Optimizer`` for closure-style training loops.
+"""Stateful SAM optimizers: :class:`SAM` over any ``torch.optim`` optimizer, and :class:`SAMSGD`.
 
-It is a thin stateful shell around the functions that :func:`funcsam.sam_step` uses
-(``ascent_direction``/``sam_perturbation``, ``clip_by_global_norm``, ``sgd_direction``/``sgd_apply``),
-so both APIs compute the same step. Usage, as in ``sam.pytorch``::
+``SAM`` is a drop-in for davda54/sam (change the import)::
+
+    optimizer = funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, weight_decay=0.05)
+    criterion(model(x), y).backward(); optimizer.first_step(zero_grad=True)
+    criterion(model(x), y).backward(); optimizer.second_step(zero_grad=True)
+
+``SAMSGD`` is a drop-in for sam.pytorch, SAM over torch.optim.SGD computed with the pure
+``funcsam.sgd`` update that :func:`funcsam.sam_step` uses::
 
     optimizer = funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4, rho=0.05)
 
@@ -17,26 +22,132 @@ so both APIs compute the same step. Usage, as in ``sam.pytorch``::
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+import inspect
+from typing import Iterable
 
 import torch
-from torch.amp.grad_scaler import OptState
 
-from .clipping import clip_by_global_norm
-from .base import check_sgd_hyperparameters
-from .hyperparameters import check_sam_hyperparameters, is_static_zero
-from .perturbation import ascent_direction, sam_perturbation
-from .sgd import sgd_apply, sgd_direction
-from .tree import Tensor, clone_all, global_norm, select
+from .adapter import SAMOptimizer
+from .base import SGD, MomentumState, check_base, check_sgd_hyperparameters
+from .hyperparameters import check_scalar
+from .tree import Tensor, clone_all, select
+
+# Group keys that select an implementation rather than define the update: a state dict may lack them.
+_IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay"}
 
 
-class SAMSGD(torch.optim.Optimizer):
+class SAM(SAMOptimizer):
+    """SAM over any ``torch.optim.Optimizer`` class; davda54/sam's interface, plus what it lacks.
+
+    Args:
+        params: parameters or param groups. Each group may set its own ``rho`` and ``adaptive`` besides
+            the base optimizer's hyperparameters; the gradient norm is global over all groups.
+        base_optimizer: the optimizer class (``torch.optim.AdamW``, ``torch.optim.SGD``, a third
+            party's), built here as ``base_optimizer(self.param_groups, **base_kwargs)``.
+        rho: neighbourhood radius (default 0.05).
+        adaptive: ASAM, e = rho * T^2 g / (||T g|| + eps) with T = |w| + eta (use a larger rho, e.g. 2).
+        eta: ASAM's offset (default 0). eps: added to the gradient norm (default 1e-12).
+        max_grad_norm: if given, the SAM gradient is clipped to this global norm before the base step.
+        model: if given, its buffers (BatchNorm running statistics) are put back to their first-pass
+            values after the second pass; in the closure style a skipped step also restores them to
+            their values before the step. (In the first/second-step style the first forward ran before
+            the optimizer saw it, so a skipped step keeps that forward's buffer updates.)
+        **base_kwargs: the base optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
+
+    ``param_groups`` and ``state`` are the base optimizer's (``.base_optimizer``), so a
+    ``torch.optim.lr_scheduler`` works on either, and ``state_dict()`` holds the base state and each
+    group's ``rho``/``adaptive``. ``step(closure)`` follows davda54: with the gradient at w already
+    in ``.grad`` (a backward since the last step), it perturbs, calls the closure once for the
+    gradient at w + e, and descends; with no new gradient (none at all, or only what the last step
+    left, as in a sam.pytorch loop that zeroes inside its closure) it first calls the closure for the
+    gradient at w, as ``SAMSGD.step`` does, and returns that loss.
+
+    Skipping non-finite steps: on a GPU the base step runs and its result is discarded with
+    ``torch.where`` (no host sync) once every parameter has state on the device; before that, and
+    with state kept on the host (torch's Adam keeps its ``step`` counts on the CPU unless
+    ``capturable=True``), the verdict is read on the host and the base step not called. On the CPU
+    the verdict is always read (it costs nothing there).
+    """
+
+    def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, *, adaptive: bool = False,
+                 eta: float = 0.0, eps: float = 1e-12, max_grad_norm: float | None = None,
+                 model: torch.nn.Module | None = None, **base_kwargs):
+        _check_base_optimizer_class(base_optimizer)
+        for name in ("lr", "weight_decay"):
+            if name in base_kwargs and not isinstance(base_kwargs[name], torch.Tensor):
+                check_scalar(name, base_kwargs[name])
+        defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model)
+        self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self.defaults.update(self.base_optimizer.defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        """As ``torch.optim.Optimizer.add_param_group``; the group goes to the base optimizer too."""
+        if "base_optimizer" not in self.__dict__:  # during __init__
+            return super().add_param_group(param_group)
+        self._check_group({**self.defaults, **param_group})
+        param_group.setdefault("rho", self.defaults["rho"])
+        param_group.setdefault("adaptive", self.defaults["adaptive"])
+        self.base_optimizer.add_param_group(param_group)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another kind of optimizer
+        (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``."""
+        groups = _checked_groups(state_dict, self.param_groups)
+        needed = {key for key, value in self.base_optimizer.defaults.items()
+                  if key not in _IMPLEMENTATION_KEYS and not isinstance(value, bool)}
+        for index, group in enumerate(groups):
+            lacking = sorted(needed - set(group))
+            if lacking:
+                raise ValueError(
+                    f"state_dict's param group {index} lacks {', '.join(lacking)}: it is not a state of "
+                    f"{type(self.base_optimizer).__name__}; load a state saved by this kind of optimizer"
+                )
+            self._check_group({"rho": self.defaults["rho"], "adaptive": self.defaults["adaptive"], **group})
+        self.base_optimizer.load_state_dict(state_dict)
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        for group in self.param_groups:
+            group.setdefault("rho", self.defaults["rho"])
+            group.setdefault("adaptive", self.defaults["adaptive"])
+
+    def _needs_first_gradient(self) -> bool:
+        return not self._has_new_gradient()
+
+    def _descend(self, groups: list, grads: list, finite: Tensor, unperturbed: list) -> None:
+        params = [p for _, group_params in groups for p in group_params]
+        held = [p.grad for p in params]
+        if any(g is not h for g, h in zip(grads, held)):  # clipped: the base optimizer reads p.grad
+            torch._foreach_copy_(held, grads)
+        state = self._state_tensors(params, finite.device)
+        if finite.device.type == "cpu" or state is None:
+            if bool(finite):  # a host read: free on the CPU, one sync on a GPU
+                self.base_optimizer.step()
+            return
+        before = clone_all(state)
+        self.base_optimizer.step()
+        after = self._state_tensors(params, finite.device)
+        torch._foreach_copy_(params, select(finite, params, unperturbed))
+        torch._foreach_copy_(after, select(finite, after, before))
+
+    def _state_tensors(self, params: list, device: torch.device) -> list | None:
+        """Every state value of ``params``, or None unless all exist and are tensors on ``device``."""
+        values = [value for p in params for value in self.state.get(p, {}).values()]
+        ready = all(self.state.get(p) for p in params) and all(
+            isinstance(value, torch.Tensor) and value.device == device for value in values
+        )
+        return values if ready else None
+
+
+class SAMSGD(SAMOptimizer):
     """SAM with torch.optim.SGD as the base optimizer; ``step`` takes a closure and calls it twice.
 
     Args:
         params: parameters or param groups, as for any ``torch.optim.Optimizer``. Each group may set
-            its own ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov`` and ``rho``;
-            the gradient norm that normalises the perturbation is global over all groups.
+            its own ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``, ``rho`` and
+            ``adaptive``; the gradient norm that normalises the perturbation is global over all groups.
         lr, momentum, dampening, weight_decay, nesterov: torch.optim.SGD's, with its exact semantics.
         rho: neighbourhood radius (default 0.05); 0 in every group gives plain SGD with one pass.
         adaptive: ASAM, e = rho * T^2 g / (||T g|| + eps) with T = |w| + eta.
@@ -44,11 +155,14 @@ class SAMSGD(torch.optim.Optimizer):
         eps: added to the gradient norm (default 1e-12); a zero gradient gives e = 0.
         max_grad_norm: if given, the SAM gradient is clipped to this global norm before the update.
         model: if given, its buffers (BatchNorm running statistics) are restored after the second
-            pass, so they hold the statistics of the unperturbed pass only, as with ``sam_step``.
-            Without it, the perturbed pass updates them too (as in ``sam.pytorch``).
+            pass, so they hold the statistics of the unperturbed pass only, as with ``sam_step``, and
+            a skipped step restores them to their values before the step. Without it, the perturbed
+            pass updates them too (as in ``sam.pytorch``).
 
     After ``step``, ``p.grad`` holds the (unscaled) SAM gradient and ``last_step_finite`` is a
-    0-dim bool tensor: False when a gradient was non-finite and the step was skipped.
+    0-dim bool tensor: False when a gradient was non-finite and the step was skipped. The update is
+    ``funcsam.sgd``'s pure one, selected with ``torch.where``: skipping never syncs with the host.
+    ``first_step``/``second_step`` work as in :class:`funcsam.SAM`.
     """
 
     def __init__(
@@ -67,111 +181,48 @@ class SAMSGD(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
     ):
-        check_sam_hyperparameters(lr=lr, rho=rho, eta=eta, eps=eps, max_grad_norm=max_grad_norm)
-        check_sgd_hyperparameters(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
-        if model is not None and not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
-        self.adaptive = bool(adaptive)
-        self.eta = eta
-        self.eps = eps
-        self.max_grad_norm = max_grad_norm
-        self.model = model
-        self.last_step_finite: Tensor | None = None
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, rho=rho)
-        super().__init__(params, defaults)
+                        nesterov=nesterov, rho=rho, adaptive=adaptive)
+        self._check_group(defaults)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model)
 
-    def add_param_group(self, param_group: dict) -> None:
-        """As ``torch.optim.Optimizer.add_param_group``, rejecting bad hyperparameters first."""
-        merged = {**getattr(self, "defaults", {}), **param_group}
-        check_sam_hyperparameters(lr=merged["lr"], rho=merged["rho"], eta=self.eta, eps=self.eps,
-                                  max_grad_norm=self.max_grad_norm)
-        check_sgd_hyperparameters(momentum=merged["momentum"], dampening=merged["dampening"],
-                                  weight_decay=merged["weight_decay"], nesterov=merged["nesterov"])
-        super().add_param_group(param_group)
+    def _check_group(self, group: dict) -> None:
+        super()._check_group(group)
+        check_sgd_hyperparameters(momentum=group["momentum"], dampening=group["dampening"],
+                                  weight_decay=group["weight_decay"], nesterov=group["nesterov"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``; a ``torch.optim.SGD`` checkpoint loads too,
-        its groups taking this optimizer's ``rho`` (and any other missing key) from the constructor."""
+        its groups taking this optimizer's ``rho`` (and any other missing key) from the constructor.
+        A state of another optimizer (Adam's moments), with bad hyperparameters, or with a momentum
+        buffer of the wrong shape is refused and nothing is changed."""
+        groups = _checked_groups(state_dict, self.param_groups)
+        for index, group in enumerate(groups):
+            self._check_group({**self.defaults, **group})
+        params = {i: p for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
+        for key, state in state_dict.get("state", {}).items():
+            foreign = sorted(set(state) - {"momentum_buffer", "step"})
+            if foreign:
+                raise ValueError(f"state_dict holds {', '.join(foreign)} for parameter {key}: it is the state of "
+                                 "another optimizer (SGD's is momentum_buffer); load a SAMSGD or torch.optim.SGD state")
+            buffer, param = state.get("momentum_buffer"), params.get(key)
+            if buffer is not None and param is not None and buffer.shape != param.shape:
+                raise ValueError(f"state_dict's momentum_buffer for parameter {key} has shape {tuple(buffer.shape)}, "
+                                 f"the parameter {tuple(param.shape)}: this state belongs to another model")
         super().load_state_dict(state_dict)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None, grad_scaler: torch.amp.GradScaler | None = None):
-        """Two gradient evaluations through ``closure`` and one SGD update; returns the loss at w.
-
-        With fp16 autocast, pass the ``torch.amp.GradScaler`` whose ``scale(loss).backward()`` the
-        closure calls: the gradients are unscaled here (the first before its norm is taken), an
-        overflow in either pass skips the step, and the usual ``grad_scaler.update()`` afterwards
-        backs the scale off or grows it. Do not call ``grad_scaler.step``: it does not take closures.
-        """
-        if closure is None:
-            raise TypeError(
-                "SAMSGD.step needs a closure: SAM evaluates the gradient twice. Pass a function that "
-                "zeroes the gradients, computes the loss, calls loss.backward() and returns the loss: "
-                "loss = optimizer.step(closure)"
-            )
-        loss = _evaluate(closure)
-        groups = [(group, [p for p in group["params"] if p.grad is not None]) for group in self.param_groups]
-        groups = [(group, params) for group, params in groups if params]
-        if not groups:
-            return loss
-        params = [p for _, group_params in groups for p in group_params]
-        inverse_scale = _inverse_scale(grad_scaler)
-
-        if all(is_static_zero(group["rho"]) for group, _ in groups):
-            sam_grads = _unscaled_grads(params, inverse_scale)
-            finite = torch.isfinite(global_norm(sam_grads))
-        else:
-            grad_norm, sam_grads = self._second_pass(closure, groups, params, inverse_scale)
-            finite = torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads))
-
-        if self.max_grad_norm is not None:
-            sam_grads, _ = clip_by_global_norm(sam_grads, self.max_grad_norm)
+    def _descend(self, groups: list, grads: list, finite: Tensor, unperturbed: list) -> None:
         start = 0
-        for group, group_params in groups:
-            group_grads = sam_grads[start:start + len(group_params)]
-            start += len(group_params)
-            self._descend(group, group_params, group_grads, finite)
+        for group, params in groups:
+            group_grads = grads[start:start + len(params)]
+            start += len(params)
+            self._descend_group(group, params, group_grads, finite)
 
-        self.last_step_finite = finite
-        if inverse_scale is not None:
-            _record_found_inf(grad_scaler, self, finite)
-        return loss
-
-    def _second_pass(self, closure, groups, params, inverse_scale):
-        """Move to w + e, re-evaluate, move back to w exactly; returns (||g||, g_sam).
-
-        Extra memory: one copy of the parameters (to come back to w bit for bit). No reference to
-        the first gradients is held across the second closure, so its ``zero_grad`` frees them.
-        """
-        direction, normed = ascent_direction(
-            _unscaled_grads(params, inverse_scale), params, adaptive=self.adaptive, eta=self.eta
-        )
-        grad_norm = global_norm(normed)
-        unperturbed = clone_all(params)
-        first_pass_buffers = None if self.model is None else clone_all(list(self.model.buffers()))
-        start = 0
-        for group, group_params in groups:
-            end = start + len(group_params)
-            torch._foreach_add_(group_params, sam_perturbation(direction[start:end], grad_norm, group["rho"], self.eps))
-            start = end
-        del direction, normed
-        _evaluate(closure)
-        torch._foreach_copy_(params, unperturbed)
-        _restore_buffers(self.model, first_pass_buffers)
-        missing = [i for i, p in enumerate(params) if p.grad is None]
-        if missing:
-            raise RuntimeError(
-                f"{len(missing)} parameter(s) had a gradient in the first call of the closure but none in the "
-                "second: the closure must compute the same loss both times"
-            )
-        return grad_norm, _unscaled_grads(params, inverse_scale)
-
-    def _descend(self, group: dict, params: list, grads: list, finite: Tensor) -> None:
-        """SGD update of one group, applied only where ``finite`` (no host sync)."""
+    def _descend_group(self, group: dict, params: list, grads: list, finite: Tensor) -> None:
+        """``funcsam.sgd``'s update of one group, applied only where ``finite`` (no host sync)."""
         momentum = group["momentum"]
         states = [self.state[p] for p in params]
         for p, state in zip(params, states):
@@ -185,56 +236,40 @@ class SAMSGD(torch.optim.Optimizer):
                 state["momentum_buffer"] if state.get("momentum_buffer") is not None else torch.zeros_like(p)
                 for p, state in zip(params, states)
             ]
-        direction, new_buffers = sgd_direction(
-            params, grads, buffers,
-            momentum=momentum, dampening=group["dampening"], weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"], first_step=states[0]["step"] == 0,
-        )
-        stepped = sgd_apply(params, direction, group["lr"])
+        base = SGD(momentum, group["dampening"], group["weight_decay"], group["nesterov"])
+        stepped, new_state = base.update(params, grads, MomentumState(buffers, states[0]["step"]), group["lr"])
         torch._foreach_copy_(params, select(finite, stepped, params))
         if momentum != 0:
-            for state, buffer in zip(states, select(finite, new_buffers, buffers)):
+            for state, buffer in zip(states, select(finite, new_state.momentum_buffer, buffers)):
                 state["momentum_buffer"] = buffer
         torch._foreach_add_([state["step"] for state in states], finite.to(torch.int64))
 
 
-def _evaluate(closure: Callable[[], Tensor]) -> Tensor:
-    with torch.enable_grad():
-        return closure()
+def _check_base_optimizer_class(base_optimizer) -> None:
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        raise TypeError(f"base_optimizer must be the optimizer class, e.g. torch.optim.{type(base_optimizer).__name__}, "
+                        "not an instance: SAM builds it over its own param groups")
+    try:
+        check_base(base_optimizer)
+    except TypeError:
+        pass
+    else:
+        raise TypeError("base_optimizer must be a torch.optim.Optimizer class such as torch.optim.AdamW; "
+                        "funcsam.sgd()/adamw() are pure parts for funcsam.sam_step(..., base=...)")
+    if not (inspect.isclass(base_optimizer) and issubclass(base_optimizer, torch.optim.Optimizer)):
+        raise TypeError(f"base_optimizer must be a torch.optim.Optimizer class such as torch.optim.AdamW, "
+                        f"got {base_optimizer!r}")
 
 
-def _inverse_scale(grad_scaler) -> Tensor | None:
-    if grad_scaler is None or not grad_scaler.is_enabled():
-        return None
-    if not isinstance(grad_scaler, torch.amp.GradScaler):
-        raise TypeError(f"grad_scaler must be a torch.amp.GradScaler, got {type(grad_scaler).__name__}")
-    scale = grad_scaler._scale
-    if scale is None:
-        raise RuntimeError(
-            "grad_scaler has not scaled a loss yet: call grad_scaler.scale(loss).backward() inside the closure"
-        )
-    return scale.double().reciprocal().float()
-
-
-def _unscaled_grads(params: list, inverse_scale: Tensor | None) -> list:
-    grads = [p.grad for p in params]
-    if inverse_scale is not None:
-        # In place, as GradScaler.unscale_ does: p.grad ends up holding the true gradient.
-        torch._foreach_mul_(grads, inverse_scale)
-    return grads
-
-
-def _record_found_inf(grad_scaler: torch.amp.GradScaler, optimizer: SAMSGD, finite: Tensor) -> None:
-    """Leave in ``grad_scaler`` what its own ``unscale_``/``step`` would, so ``update()`` works as usual."""
-    state = grad_scaler._per_optimizer_states[id(optimizer)]
-    found_inf = (~finite).to(torch.float32)
-    state["found_inf_per_device"] = {found_inf.device: found_inf}
-    state["stage"] = OptState.STEPPED
-
-
-def _restore_buffers(model: torch.nn.Module | None, snapshot: list | None) -> None:
-    if model is None:
-        return
-    buffers = list(model.buffers())
-    if buffers:
-        torch._foreach_copy_(buffers, snapshot)
+def _checked_groups(state_dict, param_groups: list) -> list:
+    """The saved param groups, checked to be a state dict that fits ``param_groups``."""
+    if not isinstance(state_dict, dict) or "param_groups" not in state_dict or "state" not in state_dict:
+        raise ValueError("state_dict must be an optimizer state dict with 'state' and 'param_groups' "
+                         "(from optimizer.state_dict())")
+    groups = state_dict["param_groups"]
+    if len(groups) != len(param_groups) or any(
+        len(saved["params"]) != len(group["params"]) for saved, group in zip(groups, param_groups)
+    ):
+        raise ValueError("state_dict has param groups of other sizes than this optimizer's: it belongs to "
+                         "another model or another grouping of its parameters")
+    return groups
