@@ -1,7 +1,7 @@
 """Interleaved step-time report: every variant runs once per round, so drift hits all alike.
 
     python -m bench.report [--rounds 15] [--batch-size 128] [--device cpu|cuda] [--skip-compiled]
-                           [--memory-format contiguous|channels_last|both]
+                           [--memory-format contiguous|channels_last|both] [--base sgd|adamw|both]
 
 Prints a markdown table of median step times and the ratios the project tracks, and, on CUDA, the
 peak-memory overhead of SAMSGD over torch.optim.SGD in parameter copies.
@@ -15,7 +15,19 @@ import time
 
 import torch
 
-from bench.steps import VARIANTS, make_problem, samsgd_step, torch_sgd_step
+from bench.steps import VARIANTS, make_problem, samsgd_step, torch_sgd_step, variant_base
+
+
+# (step, the step it is measured against, the goal for the ratio)
+RATIOS = [
+    ("SAMSGD (eager)", "torch.optim.SGD (eager)", 2.00),
+    ("SAM(SGD) first/second step (eager)", "torch.optim.SGD (eager)", 2.00),
+    ("sam_step (eager)", "torch.optim.SGD (eager)", 2.05),
+    ("sam_step (compiled)", "SGD via sam_step rho=0 (compiled)", 2.02),
+    ("sam_step (compiled)", "torch.optim.SGD (eager)", 1.5),
+    ("SAM(AdamW) first/second step (eager)", "torch.optim.AdamW (eager)", 2.05),
+    ("sam_step base=adamw (eager)", "torch.optim.AdamW (eager)", 2.05),
+]
 
 
 def _sync(device: str) -> None:
@@ -65,12 +77,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-compiled", action="store_true", help="eager variants only (no 2-minute compiles)")
+    parser.add_argument("--base", default="sgd", choices=["sgd", "adamw", "both"],
+                        help="the base optimizer of the variants (both: SGD's and AdamW's, interleaved)")
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last", "both"],
                         help="layout of the model and batch (both: every variant in each layout, interleaved)")
     args = parser.parse_args(argv)
 
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
-    names = [n for n in VARIANTS if not (args.skip_compiled and "compiled" in n)]
+    bases = ["sgd", "adamw"] if args.base == "both" else [args.base]
+    names = [n for n in VARIANTS if variant_base(n) in bases and not (args.skip_compiled and "compiled" in n)]
     steps, problems = {}, {}
     for layout in formats:
         problems[layout] = make_problem(args.batch_size, args.device, channels_last=layout == "channels_last")
@@ -80,22 +95,18 @@ def main(argv=None) -> None:
           f"ResNet-20, batch {args.batch_size}, {args.rounds} interleaved rounds", flush=True)
     times = time_interleaved(steps, args.rounds, args.warmup, args.device)
     median = {name: statistics.median(t) for name, t in times.items()}
-    base = median[f"torch.optim.SGD (eager) [{formats[0]}]"]
+    base = median[f"{names[0]} [{formats[0]}]"]
 
-    print(f"\n| step | median ms | × eager torch.optim.SGD [{formats[0]}] |")
+    print(f"\n| step | median ms | × {names[0]} [{formats[0]}] |")
     print("| --- | ---: | ---: |")
     for name in steps:
         print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / base:.3f} |")
     for layout in formats:
         m = {name: median[f"{name} [{layout}]"] for name in names}
-        sgd = m["torch.optim.SGD (eager)"]
         print(f"\n[{layout}]")
-        print(f"SAMSGD / SGD (eager): {m['SAMSGD (eager)'] / sgd:.3f}   (goal <= 2.00)")
-        print(f"sam_step eager / SGD (eager): {m['sam_step (eager)'] / sgd:.3f}   (goal <= 2.05)")
-        if not args.skip_compiled:
-            print(f"sam_step compiled / SGD compiled: {m['sam_step (compiled)'] / m['SGD via sam_step rho=0 (compiled)']:.3f}"
-                  "   (goal <= 2.02)")
-            print(f"sam_step compiled / SGD eager [{formats[0]}]: {m['sam_step (compiled)'] / base:.3f}   (goal <= 1.5)")
+        for name, over, goal in RATIOS:
+            if name in m and over in m:
+                print(f"{name} / {over}: {m[name] / m[over]:.3f}   (goal <= {goal})")
     if args.device == "cuda":
         for layout in formats:
             overhead = peak_memory_overhead(*problems[layout])

@@ -17,7 +17,12 @@ import torch.nn.functional as F
 import funcsam
 from train.models import resnet20
 
-HYPER = dict(momentum=0.9, weight_decay=5e-4)
+# The recipes: the sam.pytorch one for SGD, a ViT-style one for AdamW (same lr for every variant).
+RECIPES = {
+    "sgd": dict(torch=torch.optim.SGD, funcsam=funcsam.sgd, lr=0.1, hyper=dict(momentum=0.9, weight_decay=5e-4)),
+    "adamw": dict(torch=torch.optim.AdamW, funcsam=funcsam.adamw, lr=1e-3, hyper=dict(weight_decay=0.05)),
+}
+HYPER = RECIPES["sgd"]["hyper"]
 LR, RHO = 0.1, 0.05
 
 
@@ -34,9 +39,11 @@ def make_problem(batch_size: int = 128, device: str = "cpu", seed: int = 0, chan
     return model, (inputs, targets)
 
 
-def torch_sgd_step(model, batch) -> Callable[[], object]:
+def torch_step(model, batch, base: str = "sgd") -> Callable[[], object]:
+    """The base optimizer alone (torch.optim.SGD or AdamW): the baseline of every ratio."""
     model = copy.deepcopy(model)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LR, **HYPER)
+    recipe = RECIPES[base]
+    optimizer = recipe["torch"](model.parameters(), lr=recipe["lr"], **recipe["hyper"])
 
     def step():
         optimizer.zero_grad()
@@ -46,6 +53,10 @@ def torch_sgd_step(model, batch) -> Callable[[], object]:
         return loss
 
     return step
+
+
+def torch_sgd_step(model, batch) -> Callable[[], object]:
+    return torch_step(model, batch, "sgd")
 
 
 def samsgd_step(model, batch) -> Callable[[], object]:
@@ -61,18 +72,38 @@ def samsgd_step(model, batch) -> Callable[[], object]:
     return lambda: optimizer.step(closure)
 
 
-def functional_step(model, batch, *, rho, compile: bool) -> Callable[[], object]:
+def sam_adapter_step(model, batch, base: str = "sgd") -> Callable[[], object]:
+    """``funcsam.SAM`` over the torch.optim optimizer, in davda54's first/second-step style."""
     model = copy.deepcopy(model)
+    recipe = RECIPES[base]
+    optimizer = funcsam.SAM(model.parameters(), recipe["torch"], rho=RHO, model=model, lr=recipe["lr"],
+                            **recipe["hyper"])
+
+    def step():
+        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss.backward()
+        optimizer.first_step(zero_grad=True)
+        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        optimizer.second_step(zero_grad=True)
+        return loss
+
+    return step
+
+
+def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd") -> Callable[[], object]:
+    model = copy.deepcopy(model)
+    recipe = RECIPES[base]
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
-    carry = {"params": params, "buffers": buffers, "state": funcsam.init_momentum(params)}
+    base_optimizer = recipe["funcsam"](**recipe["hyper"])
+    carry = {"params": params, "buffers": buffers, "state": base_optimizer.init(params)}
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     device = batch[0].device
-    lr = torch.tensor(LR, device=device)
+    lr = torch.tensor(recipe["lr"], device=device)
     rho_arg = rho if rho == 0 else torch.tensor(rho, device=device)
 
     def train_step(params, buffers, state, batch, lr, rho_arg):
-        return funcsam.sam_step(params, buffers, batch, loss_fn, rho_arg, lr, state, **HYPER)
+        return funcsam.sam_step(params, buffers, batch, loss_fn, rho_arg, lr, state, base=base_optimizer)
 
     run = torch.compile(train_step, fullgraph=True) if compile else train_step
 
@@ -85,9 +116,18 @@ def functional_step(model, batch, *, rho, compile: bool) -> Callable[[], object]
 
 
 VARIANTS = {
-    "torch.optim.SGD (eager)": lambda m, b: torch_sgd_step(m, b),
+    "torch.optim.SGD (eager)": lambda m, b: torch_step(m, b, "sgd"),
     "SAMSGD (eager)": lambda m, b: samsgd_step(m, b),
+    "SAM(SGD) first/second step (eager)": lambda m, b: sam_adapter_step(m, b, "sgd"),
     "sam_step (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False),
     "SGD via sam_step rho=0 (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True),
     "sam_step (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True),
+    "torch.optim.AdamW (eager)": lambda m, b: torch_step(m, b, "adamw"),
+    "SAM(AdamW) first/second step (eager)": lambda m, b: sam_adapter_step(m, b, "adamw"),
+    "sam_step base=adamw (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False, base="adamw"),
 }
+
+
+def variant_base(name: str) -> str:
+    """The base optimizer a variant of :data:`VARIANTS` steps with: ``"sgd"`` or ``"adamw"``."""
+    return "adamw" if "adamw" in name.lower() else "sgd"

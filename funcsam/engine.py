@@ -82,6 +82,7 @@ class SAMGradient(NamedTuple):
     grads: list  # g_sam (or g when rho is the number 0), reduced and unscaled
     grad_norm: Tensor  # ||g|| (||T g|| for ASAM)
     finite: Tensor  # 0-dim bool: every gradient involved was finite
+    first_grads: list | None = None  # g, reduced and unscaled (the same list as grads when rho is the number 0)
 
 
 def resolve_base(base: BaseOptimizer | None, **sgd_shorthand) -> BaseOptimizer:
@@ -140,7 +141,7 @@ def gradient_fn(loss_fn: Callable, setup: StepSetup):
     scale = None if setup.options.loss_scale is None else setup.options.loss_scale.scale
 
     def scaled_loss(leaves, buffers, batch, scale):
-        loss, new_buffers, aux = _unpack_loss_fn_output(loss_fn(unflatten(spec, leaves), buffers, batch))
+        loss, new_buffers, aux = unpack_loss_fn_output(loss_fn(unflatten(spec, leaves), buffers, batch))
         aux_leaves, aux_spec["spec"] = flatten(aux)
         scaled = loss if scale is None else loss * scale
         return scaled, (loss.detach(), new_buffers, aux_leaves)
@@ -157,7 +158,8 @@ def gradient_fn(loss_fn: Callable, setup: StepSetup):
     return gradient
 
 
-def _unpack_loss_fn_output(output: Any) -> tuple[Tensor, Any, Any]:
+def unpack_loss_fn_output(output: Any) -> tuple[Tensor, Any, Any]:
+    """``(loss, new_buffers, aux)`` from what a ``loss_fn`` returned; TypeError, with the expected form, otherwise."""
     if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], tuple) and len(output[1]) == 2):
         got = f"a tuple of {len(output)}" if isinstance(output, tuple) else type(output).__name__
         raise TypeError(
@@ -167,8 +169,8 @@ def _unpack_loss_fn_output(output: Any) -> tuple[Tensor, Any, Any]:
         )
     loss, (new_buffers, aux) = output
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
-        got = f"{loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise TypeError(f"loss_fn must return a 0-dim floating-point loss tensor first, got a {got} "
+        got = f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"loss_fn must return a 0-dim floating-point loss tensor first, got {got} "
                         "(reduce it with .mean(), and do not convert it with .item() or int())")
     return loss, new_buffers, aux
 
@@ -251,7 +253,7 @@ def sam_gradient(setup: StepSetup, grads: list, gradient_at: Callable[[list], li
     grads = unscale(grads, loss_scale)
     if one_pass:
         grad_norm = global_norm(grads)
-        return SAMGradient(grads, grad_norm, torch.isfinite(grad_norm))
+        return SAMGradient(grads, grad_norm, torch.isfinite(grad_norm), grads)
     perturbation, grad_norm = perturb(setup, grads)
     sam_grads = gradient_at(torch._foreach_add(setup.leaves, perturbation))
     if reduce is not None:
@@ -259,7 +261,7 @@ def sam_gradient(setup: StepSetup, grads: list, gradient_at: Callable[[list], li
             sam_grads = spread_non_finite(sam_grads, grad_norm)
         sam_grads = reduce_gradients(reduce, sam_grads)
     sam_grads = unscale(sam_grads, loss_scale)
-    return SAMGradient(sam_grads, grad_norm, torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads)))
+    return SAMGradient(sam_grads, grad_norm, torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads)), grads)
 
 
 def finish_step(setup: StepSetup, sam: SAMGradient, buffers: PyTree, new_buffers: PyTree, loss: Tensor,

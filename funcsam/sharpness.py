@@ -39,6 +39,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 from torch.func import grad, jvp
 
+from .base import check_params
+from .engine import unpack_loss_fn_output
 from .tree import PyTree, Tensor, flatten, global_norm, unflatten
 
 HessianVectorProduct = Callable[[list], list]
@@ -189,29 +191,13 @@ def _setup(
     """Validate; return ``(param_leaves, spec, hvp)`` with ``hvp(v) = H v`` on flat leaf lists."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable as loss_fn(params, buffers, batch), got {loss_fn!r}")
+    check_params(params)
     leaves, spec = flatten(params)
-    if not leaves:
-        raise ValueError("params is empty: pass a non-empty pytree of tensors, e.g. dict(model.named_parameters())")
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor) or not leaf.is_floating_point():
-            kind = f"a {leaf.dtype} tensor" if isinstance(leaf, torch.Tensor) else type(leaf).__name__
-            raise TypeError(f"every leaf of params must be a floating-point tensor, got {kind}")
     # Detached, so that nothing here records into an autograd graph of the caller's.
     leaves = [leaf.detach() for leaf in leaves]
 
     def loss_of(flat: list) -> Tensor:
-        out = loss_fn(unflatten(spec, flat), buffers, batch)
-        if not (isinstance(out, tuple) and len(out) == 2):
-            raise TypeError(f"loss_fn must return (loss, (new_buffers, aux)), got {type(out).__name__}")
-        loss = out[0]
-        if not isinstance(loss, torch.Tensor):
-            raise TypeError(f"loss_fn's loss must be a 0-dim floating tensor, got {type(loss).__name__}")
-        if loss.dim() != 0 or not loss.is_floating_point():
-            raise ValueError(
-                f"loss_fn's loss must be a 0-dim floating tensor (reduce it, e.g. with a mean), "
-                f"got shape {tuple(loss.shape)} and dtype {loss.dtype}"
-            )
-        return loss
+        return unpack_loss_fn_output(loss_fn(unflatten(spec, flat), buffers, batch))[0]
 
     gradient = grad(loss_of)
 

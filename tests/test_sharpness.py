@@ -355,8 +355,8 @@ BAD_CALLS = {
     "params-float-leaf": (dict(params={"a": 1.0}), TypeError, "floating-point tensor"),
     "loss_fn-not-callable": (dict(loss_fn=None), TypeError, "loss_fn must be callable"),
     "loss_fn-returns-bare-loss": (dict(loss_fn=_bare_loss), TypeError, r"must return \(loss, \(new_buffers, aux\)\)"),
-    "loss-not-0-dim": (dict(loss_fn=_unreduced_loss), ValueError, r"0-dim floating tensor .*shape \(10,\)"),
-    "loss-not-a-tensor": (dict(loss_fn=_int_loss), TypeError, "0-dim floating tensor, got int"),
+    "loss-not-0-dim": (dict(loss_fn=_unreduced_loss), TypeError, r"0-dim floating-point loss tensor .*shape \(10,\)"),
+    "loss-not-a-tensor": (dict(loss_fn=_int_loss), TypeError, "0-dim floating-point loss tensor first, got int"),
 }
 
 
