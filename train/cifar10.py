@@ -87,17 +87,19 @@ def train(args: argparse.Namespace) -> dict:
         report.say("warning: fp16 autocast on the CPU runs convolutions very slowly (no fast fp16 kernels); "
                    "--amp bf16 is the CPU's fast path")
     with contextlib.ExitStack() as cleanup:
-        lock = parallel.on_rank_0_first(dp, ckpt.RunLock(out).acquire, False, (ckpt.RunFolderError,))
-        cleanup.callback(lambda: lock and lock.release())
+        lock = ckpt.RunLock(out)  # rank 0 holds it for the run; every rank learns if it could not
+        lock_failure = parallel.attempt_on_rank_0(dp, lock.acquire, ckpt.RunFolderError)
+        cleanup.callback(lock.release)
         cleanup.callback(report.close)
         saved = read_checkpoint(args, out / ckpt.CHECKPOINT_NAME, report)  # every rank reads it
+        parallel.agree(dp, lock_failure, ckpt.RunFolderError)
         if saved is not None and saved["epoch"] >= args.epochs and (out / SUMMARY_NAME).exists():
             report.say(f"{out} holds a complete run ({saved['epoch']}/{args.epochs} epochs): nothing to train, "
                        f"nothing rewritten. Its summary: {out / SUMMARY_NAME}")
             return json.loads((out / SUMMARY_NAME).read_text())
 
         # Data on the device once, as uint8; the batch order and augmentation come per epoch from (seed, epoch).
-        data = parallel.on_rank_0_first(dp, lambda: load_dataset(args), True, (DatasetUnavailable,))
+        data = parallel.on_rank_0_first(dp, lambda: load_dataset(args), DatasetUnavailable)
         (train_images, train_labels), test = ([t.to(device) for t in split] for split in (data.train, data.test))
         mean, std = torch.tensor(data.mean, device=device), torch.tensor(data.std, device=device)
         steps_per_epoch = count_steps(len(train_labels), args)

@@ -23,27 +23,43 @@ def join(device: torch.device) -> tuple[funcsam.distributed.DataParallel, torch.
     return dp, (dp.device if dp.world_size > 1 else device)
 
 
-def on_rank_0_first(dp: funcsam.distributed.DataParallel, fn: Callable[[], T], every_rank: bool,
-                    expected: tuple[type[Exception], ...]) -> T | None:
-    """``fn()`` on rank 0, then (``every_rank``) on the others once it succeeded. A failure of rank 0
-    (one of ``expected``) fails every rank instead of leaving them waiting; rank 0 says why."""
+def attempt_on_rank_0(dp: funcsam.distributed.DataParallel, fn: Callable[[], Any],
+                      expected: type[Exception]) -> Exception | None:
+    """``fn()`` on rank 0 alone; its failure (``expected``) is returned for ``agree`` to raise on every
+    rank later, so that collective-free checks can come first. With one process it raises at once."""
     if dp.world_size == 1:
-        return fn()
-    result = error = None
+        fn()
+        return None
+    if dp.is_main:
+        try:
+            fn()
+        except expected as err:
+            return err
+    return None
+
+
+def agree(dp: funcsam.distributed.DataParallel, failure: Exception | None, kind: type[Exception]) -> None:
+    """Raise rank 0's ``failure`` on rank 0 and a ``kind`` on the others (rank 0 alone says why)."""
+    if dp.world_size > 1:
+        ok = torch.tensor([failure is None], dtype=torch.int32, device=dp.device)  # NCCL takes device tensors only
+        dist.broadcast(ok, src=0)
+        if not ok.item() and not dp.is_main:
+            raise kind("rank 0 stopped (its message says why)")
+    if failure is not None:
+        raise failure
+
+
+def on_rank_0_first(dp: funcsam.distributed.DataParallel, fn: Callable[[], T], expected: type[Exception]) -> T:
+    """``fn()`` on rank 0, then on the others once it succeeded (rank 0 downloads, the others read
+    what it left). A failure of rank 0 fails every rank instead of leaving them waiting."""
+    result = failure = None
     if dp.is_main:
         try:
             result = fn()
         except expected as err:
-            error = err
-    ok = torch.tensor([error is None], dtype=torch.int32, device=dp.device)  # NCCL takes device tensors only
-    dist.broadcast(ok, src=0)
-    if error is not None:
-        raise error
-    if not ok.item():
-        raise expected[0]("rank 0 stopped (its message says why)")
-    if dp.is_main or not every_rank:
-        return result
-    return fn()
+            failure = err
+    agree(dp, failure, expected)
+    return result if dp.is_main else fn()
 
 
 def share_from_rank_0(obj: Any, dp: funcsam.distributed.DataParallel) -> Any:
