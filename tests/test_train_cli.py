@@ -34,7 +34,7 @@ def test_bare_amp_means_bf16():
 
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "0"], ["--limit-steps", "0"],
-                                  ["--epochs", "3"], ["--model", "resnet18"], ["--m-sharpness", "0"],
+                                  ["--epochs", "3", "--warmup-epochs", "4"], ["--model", "resnet18"], ["--m-sharpness", "0"],
                                   ["--accumulate", "0"], ["--sam-sync", "both"]])
 def test_bad_values_exit_2_with_a_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

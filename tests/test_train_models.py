@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import funcsam
-from train.cifar10 import TrainState, make_functional_step, parse_args, zero_totals
+from train.config import parse_args
+from train.steppers import TrainState, make_functional_step, zero_totals
 from train.models import MODELS, PUBLISHED_PARAMS, BasicBlock, build_model, count_parameters
 
 

@@ -1,0 +1,223 @@
+"""The run configuration: the command line, validated once, before anything is created.
+
+``parse_args`` returns an ``argparse.Namespace`` whose values are known to be usable: every number
+in range, flags that exclude each other refused, the paths usable as folders. A bad value exits
+with code 2 and a message naming the flag (argparse's ``error``), so nothing later in the trainer
+needs to re-check what a user typed. What the run then records (``args.json``, the checkpoint) is
+this namespace, with the values that actually ran (``--optim sgd`` records rho 0; a capped default
+warm-up records the capped length).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from train.models import MODELS
+
+# Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
+# (--compile, --device, --data-dir, --out, --tensorboard may change between a run and its resumption.)
+RUN_DEFINING_ARGS = (
+    "model", "optim", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
+    "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
+    "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
+)
+# What a checkpoint written before a run-defining argument existed ran with.
+PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1)
+
+DEFAULT_WARMUP_EPOCHS = 5  # the recipe's; a run shorter than twice that warms up for half its length
+
+
+class UsageError(Exception):
+    """An argument combination that cannot run; the message says what to change."""
+
+
+class _Explicit(argparse.Action):
+    """Stores the value and remembers that the user typed the flag (the default may be adapted)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"_{self.dest}_given", True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train.cifar10",
+        description="Train a CIFAR network with SAM or SGD (funcsam). Defaults follow sam.pytorch. "
+                    "Exit codes: 0 done (or already complete), 2 a usage, data, checkpoint or run-folder "
+                    "problem (the message says what to do), 3 training diverged, 130/143 stopped by "
+                    "SIGINT/SIGTERM (resumable with --resume).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    main_models = [m for m in MODELS if m != "tiny"]
+    p.add_argument("--model", default="resnet20", choices=list(MODELS), metavar="|".join(main_models),
+                   help="network; 'tiny' (1.6K parameters) exists for fast tests only")
+    p.add_argument("--optim", default="sam", choices=["sam", "sgd"], help="sgd = SAM with rho 0 (one pass)")
+    p.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius, >= 0 (ignored by --optim sgd)")
+    p.add_argument("--adaptive", action="store_true", help="ASAM: scale-invariant perturbation (use a larger --rho, e.g. 0.5)")
+    p.add_argument("--api", default="functional", choices=["functional", "adapter"],
+                   help="functional: pure funcsam.sam_step; adapter: closure-style funcsam.SAMSGD")
+    p.add_argument("--epochs", type=int, default=200, help="training epochs")
+    p.add_argument("--batch-size", type=int, default=128, help="global batch (the ragged last batch is dropped)")
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, >= 0 (>= 1 is accepted with a warning)")
+    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay, >= 0")
+    p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
+    p.add_argument("--warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS, action=_Explicit,
+                   help="linear warm-up, then cosine decay to 0; left at its default, a run shorter than "
+                        f"{2 * DEFAULT_WARMUP_EPOCHS} epochs warms up for half its epochs (a note says so)")
+    p.add_argument("--label-smoothing", type=float, default=0.0, help="in [0, 1]")
+    p.add_argument("--cutout", action="store_true", help="16x16 cutout after crop and flip")
+    p.add_argument("--compile", action="store_true",
+                   help="functional: torch.compile the whole step (both passes + update) and the eval "
+                        "step, fullgraph; adapter: compile the model's forward")
+    p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
+                   help="autocast; bare --amp means bf16. fp16 uses dynamic loss scaling (slow on CPU)")
+    p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda if available")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100", "synthetic"],
+                   help="synthetic: CIFAR-shaped, class-structured images made from --seed; runs offline")
+    p.add_argument("--synthetic-size", type=int, default=10000,
+                   help="training images of --dataset synthetic (test images: a fifth of it)")
+    p.add_argument("--data-dir", default="data", help="where CIFAR is (or is downloaded to)")
+    p.add_argument("--out", default="runs/cifar10",
+                   help="run folder: checkpoint.pt, metrics.jsonl, args.json, summary.json; one trainer at a time")
+    p.add_argument("--resume", action="store_true", help="continue from --out's checkpoint (refused if its arguments differ)")
+    p.add_argument("--seed", type=int, default=0, help="initialisation, data order and augmentation")
+    p.add_argument("--limit-steps", type=int, default=None, metavar="N",
+                   help="cap every epoch at N training steps and the evaluation at N batches "
+                        "(the schedule spans the steps actually run); for quick tests and benchmarks")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also log every epoch's metrics to --out/tensorboard (needs the [tensorboard] extra)")
+    beyond = p.add_argument_group(
+        "beyond one batch (--api functional)",
+        "Under `torchrun --nproc_per_node N -m train.cifar10 ...` the run is data-parallel on N processes "
+        "(NCCL on GPUs, gloo on CPUs): --batch-size stays the global batch, each rank trains on its "
+        "contiguous 1/N of it, and only rank 0 prints and writes files.",
+    )
+    beyond.add_argument("--sam-sync", default="global", choices=["global", "local"],
+                        help="with N processes: global = perturb with the averaged gradient (one process "
+                             "on the global batch); local = each replica perturbs with its own gradient")
+    beyond.add_argument("--sync-bn", action="store_true",
+                        help="normalise with the BatchNorm statistics of the global batch, across processes "
+                             "(funcsam.distributed.convert_sync_batchnorm); without it each replica keeps its own")
+    beyond.add_argument("--m-sharpness", type=int, default=1, metavar="K",
+                        help="m-sharpness: each (per-replica) batch in K parts, each perturbing with its own "
+                             "gradient (funcsam.m_sharpness_sam_step); with N processes needs --sam-sync local")
+    beyond.add_argument("--accumulate", type=int, default=1, metavar="K",
+                        help="one SAM step over K micro-batches of each (per-replica) batch "
+                             "(funcsam.accumulated_sam_step): the whole batch's step (exactly so without BatchNorm; "
+                             "BatchNorm normalises each micro-batch alone) in 1/K of the activation memory")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The validated configuration of ``argv``; exits 2 with a message on the first bad value.
+    (The combinations that depend on the number of processes: ``check_beyond_one_batch``.)"""
+    p = build_parser()
+    args = p.parse_args(argv)
+    capped = not vars(args).pop("_warmup_epochs_given", False) and args.warmup_epochs > args.epochs // 2 >= 0
+    if capped:  # a short run keeps the recipe's shape: warm up, then decay to 0
+        args.warmup_epochs = args.epochs // 2
+    try:
+        check_numbers(args)
+        check_paths(args)
+    except UsageError as err:
+        p.error(str(err))
+    if capped:
+        note(f"note: warm-up of {args.warmup_epochs} epoch(s), half of --epochs {args.epochs} (the default "
+             f"{DEFAULT_WARMUP_EPOCHS} is longer than that); pass --warmup-epochs to choose")
+    if args.momentum >= 1:
+        note(f"warning: --momentum {args.momentum} >= 1 lets the update grow without bound; the recipe uses 0.9")
+    if args.optim == "sgd":
+        args.rho = 0.0  # recorded as what ran, so a checkpoint cannot be resumed as SAM
+    return args
+
+
+def note(message: str) -> None:
+    """A line on stderr, from rank 0 only (RANK is set by torchrun)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(message, file=sys.stderr)
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "synthetic_size", "m_sharpness", "accumulate"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.limit_steps is not None and args.limit_steps < 1:
+        raise UsageError(f"--limit-steps must be >= 1, got {args.limit_steps}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
+    for name in ("rho", "momentum", "weight_decay"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):  # NaN fails both
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.label_smoothing <= 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
+    if args.nesterov and args.momentum == 0:
+        raise UsageError("--nesterov needs --momentum > 0")
+    if not 0 <= args.warmup_epochs <= args.epochs:
+        raise UsageError(f"--warmup-epochs must be in [0, --epochs={args.epochs}], got {args.warmup_epochs}; "
+                         "for short runs pass e.g. --warmup-epochs 1")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\" "
+                         "(or pip install tensorboard)")
+
+
+def check_paths(args: argparse.Namespace) -> None:
+    """--out and --data-dir must be folders or not exist yet (they are created when needed)."""
+    folders = [("--out", args.out)] + ([("--data-dir", args.data_dir)] if args.dataset != "synthetic" else [])
+    for flag, folder in folders:
+        path = Path(folder)
+        blocker = next((p for p in (path, *path.parents) if p.exists()), None)
+        if blocker is not None and not blocker.is_dir():
+            raise UsageError(f"{flag} {folder}: {blocker} is a file, not a folder; choose another {flag}")
+
+
+def requested_world_size() -> int:
+    """The number of processes torchrun started (1 for a plain ``python`` run)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
+    """UsageError for a data-parallel / m-sharpness / accumulation combination that cannot run,
+    before any process group is joined (every rank refuses alike)."""
+    if args.api != "functional":
+        asked = [flag for flag, on in (("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
+                                       (f"--m-sharpness {args.m_sharpness}", args.m_sharpness > 1),
+                                       (f"--accumulate {args.accumulate}", args.accumulate > 1),
+                                       (f"{world_size} processes (torchrun)", world_size > 1)) if on]
+        if asked:
+            raise UsageError(f"{', '.join(asked)} need(s) --api functional (the adapter SAMSGD steps one "
+                             "process on one batch)")
+    if args.m_sharpness > 1 and args.accumulate > 1:
+        raise UsageError(f"--m-sharpness {args.m_sharpness} and --accumulate {args.accumulate} cannot be combined: "
+                         "keep one of them at 1")
+    if args.sync_bn and args.m_sharpness > 1:
+        raise UsageError(f"--sync-bn cannot be combined with --m-sharpness {args.m_sharpness}: m-sharpness parts "
+                         "normalise with their own statistics by design (ghost BatchNorm)")
+    if world_size > 1 and args.m_sharpness > 1 and args.sam_sync != "local":
+        raise UsageError(f"--m-sharpness {args.m_sharpness} with {world_size} processes perturbs every replica's "
+                         "parts with their own gradients: pass --sam-sync local to say so")
+    if args.batch_size % world_size:
+        raise UsageError(f"--batch-size {args.batch_size} (the global batch) is not divisible by the "
+                         f"{world_size} processes: use a multiple of {world_size}")
+    per_replica = args.batch_size // world_size
+    where = "" if world_size == 1 else f" per process ({args.batch_size} / {world_size} processes)"
+    for flag, parts in (("--m-sharpness", args.m_sharpness), ("--accumulate", args.accumulate)):
+        if per_replica % parts:
+            raise UsageError(f"{flag} {parts} does not divide the batch of {per_replica}{where}: "
+                             f"choose a --batch-size that is a multiple of {world_size * parts}")
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)

@@ -1,0 +1,294 @@
+"""One stepper per API, behind the same small interface, so the training loop never asks which.
+
+    stepper = make_stepper(args, model, lr_at, mean, std, device, grad_reduce)
+    totals = stepper.step(totals, images_u8, labels, augmentation, step_index)   # one SAM (or SGD) step
+    params, buffers = stepper.params_buffers()                                    # for evaluation
+    stepper.state_dict() / stepper.load_state_dict(saved, path)                   # checkpoint and resume
+
+``FunctionalStepper`` carries a ``TrainState`` pytree through one pure function around
+``funcsam.sam_step`` (or its m-sharpness / accumulation forms), which ``--compile`` makes one
+fullgraph region; the learning rate and rho travel as 0-dim tensors so the schedule never recompiles.
+``AdapterStepper`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` with a
+``LambdaLR`` schedule (and a ``GradScaler`` under fp16). Each builds its optimizer in one place
+(``_init_optimizer``): that is where another base optimizer would be chosen from the arguments.
+Loss and accuracy are summed into ``TrainTotals`` on the device, so no step waits for the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from typing import Callable, NamedTuple
+
+import optree
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import funcsam
+from train.checkpoint import CheckpointError, check_tensors
+from train.data import augment, normalize
+
+
+class TrainState(NamedTuple):
+    """Everything the functional step carries from one step to the next (a pytree of tensors)."""
+
+    params: dict[str, torch.Tensor]
+    buffers: dict[str, torch.Tensor]
+    momentum_state: funcsam.MomentumState
+    loss_scale: funcsam.LossScaleState | None  # fp16 only
+
+
+class TrainTotals(NamedTuple):
+    """Running sums over an epoch, kept on the device so that steps need no host sync."""
+
+    loss_sum: torch.Tensor  # fp32, sum over samples of the first-pass loss
+    correct: torch.Tensor  # int64, first-pass logits' argmax == label
+    diverged_steps: torch.Tensor  # int64, steps whose loss was non-finite (or skipped without loss scaling)
+    skipped_steps: torch.Tensor  # int64, steps sam_step skipped (fp16 overflow)
+
+
+def zero_totals(device: torch.device) -> TrainTotals:
+    f, i = dict(dtype=torch.float32, device=device), dict(dtype=torch.int64, device=device)
+    return TrainTotals(torch.zeros((), **f), torch.zeros((), **i), torch.zeros((), **i), torch.zeros((), **i))
+
+
+def add_step_to_totals(totals: TrainTotals, loss, logits, labels, finite, loss_scaling: bool) -> TrainTotals:
+    bad_loss = ~torch.isfinite(loss)
+    # Skipped steps are routine under fp16 loss scaling (an overflow halves the scale); without it,
+    # a non-finite gradient is as much a divergence as a non-finite loss.
+    diverged = bad_loss if loss_scaling else bad_loss | ~finite
+    return TrainTotals(
+        loss_sum=totals.loss_sum + loss.detach().float() * labels.shape[0],
+        correct=totals.correct + (logits.detach().argmax(-1) == labels).sum(),
+        diverged_steps=totals.diverged_steps + diverged.to(torch.int64),
+        skipped_steps=totals.skipped_steps + (~finite).to(torch.int64),
+    )
+
+
+def autocast_dtype(amp: str | None) -> torch.dtype | None:
+    return {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def autocast_context(device: torch.device, amp: str | None):
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=autocast_dtype(amp))
+
+
+def make_criterion(args: argparse.Namespace) -> Callable:
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+
+
+def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, grad_reduce=None):
+    """The stepper of ``args.api``; ``lr_at(step_index)`` is the learning rate schedule."""
+    if args.api == "functional":
+        return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce)
+    return AdapterStepper(args, model, lr_at, mean, std, device)
+
+
+def detached(named) -> dict[str, torch.Tensor]:
+    return {k: v.detach() for k, v in named}
+
+
+# --- functional: a pure step over a TrainState ------------------------------------------------
+
+
+def make_functional_step(model, args, criterion, mean, std, grad_reduce=None) -> Callable:
+    """``step(state, totals, images_u8, labels, crop_offsets, flips, cutout_centres, lr, rho)
+    -> (state, totals)``: augmentation, both SAM passes and the SGD update, pure.
+
+    The images are this process's shard of the global batch; ``grad_reduce`` (an all-reduce mean
+    under data parallelism) averages the gradients across processes. ``--m-sharpness K`` and
+    ``--accumulate K`` pick ``m_sharpness_sam_step`` and ``accumulated_sam_step``: one step each,
+    so ``--compile`` still makes one fullgraph region of it."""
+    loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
+    m_sharpness, accumulate, sam_sync = args.m_sharpness, args.accumulate, args.sam_sync
+
+    def step(state: TrainState, totals: TrainTotals, images, labels, crop_offsets, flips, cutout_centres, lr, rho):
+        inputs = augment(images, crop_offsets, flips, cutout_centres, mean, std, args.cutout)
+        common = dict(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
+                      adaptive=args.adaptive, loss_scale=state.loss_scale, grad_reduce=grad_reduce)
+        if m_sharpness > 1:  # always local: every part perturbs with its own gradient
+            out = funcsam.m_sharpness_sam_step(
+                state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
+                m=m_sharpness, **common,
+            )
+        elif accumulate > 1:
+            out = funcsam.accumulated_sam_step(
+                state.params, state.buffers, funcsam.split_batch((inputs, labels), accumulate), loss_fn, rho, lr,
+                state.momentum_state, sam_sync=sam_sync, **common,
+            )
+        else:
+            out = funcsam.sam_step(
+                state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
+                sam_sync=sam_sync, **common,
+            )
+        totals = add_step_to_totals(totals, out.loss, out.aux, labels, out.finite, state.loss_scale is not None)
+        return TrainState(out.params, out.buffers, out.momentum_state, out.loss_scale), totals
+
+    return step
+
+
+class FunctionalStepper:
+    """``funcsam.sam_step`` as one pure (optionally compiled) function of a ``TrainState``."""
+
+    def __init__(self, args, model, lr_at, mean, std, device, grad_reduce=None):
+        params, buffers = detached(model.named_parameters()), detached(model.named_buffers())
+        self.state = TrainState(params, buffers, *self._init_optimizer(args, params, device))
+        step = make_functional_step(model, args, make_criterion(args), mean, std, grad_reduce)
+        self._step = torch.compile(step, fullgraph=True) if args.compile else step
+        self.lr_at = lr_at
+        self.lr = torch.tensor(lr_at(0), device=device)  # filled in place each step: no recompile
+        self.rho = 0 if args.optim == "sgd" else torch.tensor(args.rho, device=device)
+        self.device = device
+
+    @staticmethod
+    def _init_optimizer(args, params, device):
+        loss_scale = funcsam.init_loss_scale(device=device) if args.amp == "fp16" else None
+        return funcsam.init_momentum(params), loss_scale
+
+    def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
+        self.lr.fill_(self.lr_at(step_index))
+        self.state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho)
+        return totals
+
+    def params_buffers(self):
+        return self.state.params, self.state.buffers
+
+    def state_dict(self) -> dict:
+        return dict(params=self.state.params, buffers=self.state.buffers,
+                    optimizer=dict(momentum_state=tree_to_list(self.state.momentum_state),
+                                   loss_scale=tree_to_list(self.state.loss_scale)))
+
+    def load_state_dict(self, saved: dict, path) -> None:
+        """Restore from a checkpoint's dict; CheckpointError (nothing changed) if it does not fit."""
+        check_tensors(saved["params"], self.state.params, "parameters", path)
+        check_tensors(saved["buffers"], self.state.buffers, "buffers", path)
+        optimizer = saved["optimizer"]
+        momentum = list_to_tree(self.state.momentum_state, optimizer.get("momentum_state"), "momentum state", path)
+        loss_scale = list_to_tree(self.state.loss_scale, optimizer.get("loss_scale"), "loss scale", path)
+        to = self.device
+        self.state = TrainState({k: saved["params"][k].to(to) for k in self.state.params},
+                                {k: saved["buffers"][k].to(to) for k in self.state.buffers},
+                                optree.tree_map(lambda t: t.to(to), momentum),
+                                None if loss_scale is None else optree.tree_map(lambda t: t.to(to), loss_scale))
+
+
+def tree_to_list(tree) -> list | None:
+    return None if tree is None else optree.tree_leaves(tree)
+
+
+def list_to_tree(template, leaves, what: str, path):
+    """``template``'s structure filled with the saved ``leaves``, refused unless they match it leaf by leaf."""
+    if template is None:
+        return None
+    expected = optree.tree_leaves(template)
+    if not isinstance(leaves, list) or len(leaves) != len(expected) or any(
+            not isinstance(s, torch.Tensor) or s.shape != e.shape or s.dtype != e.dtype
+            for s, e in zip(leaves, expected)):
+        raise CheckpointError(f"{path}: its {what} does not fit this model and configuration "
+                              "(missing, or other shapes). It was left untouched; use another --out to start over.")
+    return optree.tree_unflatten(optree.tree_structure(template), leaves)
+
+
+# --- adapter: the closure-style SAMSGD optimizer ----------------------------------------------
+
+
+class AdapterStepper:
+    """The same recipe through ``funcsam.SAMSGD``; mutates the model and the optimizer."""
+
+    def __init__(self, args, model, lr_at, mean, std, device):
+        self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
+        self.optimizer = self._init_optimizer(args, model)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / args.lr)
+        self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+        self.criterion = make_criterion(args)
+        # loss.backward() cannot live inside a fullgraph region: compile the forward only.
+        self.forward = torch.compile(model) if args.compile else model
+
+    @staticmethod
+    def _init_optimizer(args, model) -> funcsam.SAMSGD:
+        return funcsam.SAMSGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                              nesterov=args.nesterov, rho=args.rho, adaptive=args.adaptive, model=model)
+
+    def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
+        inputs = augment(images, *augmentation, self.mean, self.std, self.args.cutout)
+        first_logits = []
+
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            with autocast_context(self.device, self.args.amp):
+                logits = self.forward(inputs)
+                loss = self.criterion(logits, labels)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            first_logits.append(logits.detach())
+            return loss.detach().float()
+
+        loss = self.optimizer.step(closure, grad_scaler=self.scaler)
+        if self.scaler is not None:
+            self.scaler.update()
+        self.scheduler.step()  # its own count follows step_index: both restart from the checkpoint
+        return add_step_to_totals(totals, loss, first_logits[0], labels, self.optimizer.last_step_finite,
+                                  self.scaler is not None)
+
+    def params_buffers(self):
+        return detached(self.model.named_parameters()), detached(self.model.named_buffers())
+
+    def state_dict(self) -> dict:
+        params, buffers = self.params_buffers()
+        return dict(params=params, buffers=buffers, optimizer=dict(
+            sam_sgd=self.optimizer.state_dict(), lr_scheduler=self.scheduler.state_dict(),
+            grad_scaler=None if self.scaler is None else self.scaler.state_dict()))
+
+    def load_state_dict(self, saved: dict, path) -> None:
+        """Restore from a checkpoint's dict; CheckpointError (nothing changed) if it does not fit."""
+        params, buffers = self.params_buffers()
+        check_tensors(saved["params"], params, "parameters", path)
+        check_tensors(saved["buffers"], buffers, "buffers", path)
+        optimizer = saved["optimizer"]
+        check_optimizer_state(optimizer.get("sam_sgd"), list(params.values()), path)
+        if not isinstance(optimizer.get("lr_scheduler"), dict) or \
+                (self.scaler is not None and not isinstance(optimizer.get("grad_scaler"), dict)):
+            raise CheckpointError(f"{path}: its scheduler or loss-scaler state is missing. It was left untouched; "
+                                  "use another --out to start over.")
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(saved["params"][k])
+            for k, v in buffers.items():
+                v.copy_(saved["buffers"][k])
+        self.optimizer.load_state_dict(optimizer["sam_sgd"])
+        self.scheduler.load_state_dict(optimizer["lr_scheduler"])
+        if self.scaler is not None:
+            self.scaler.load_state_dict(optimizer["grad_scaler"])
+
+
+def check_optimizer_state(state_dict, params: list[torch.Tensor], path) -> None:
+    """A ``SAMSGD`` state dict whose per-parameter tensors (momentum buffers) have their parameter's shape."""
+    try:
+        states = state_dict["state"]
+        fits = len(state_dict["param_groups"][0]["params"]) == len(params) and all(
+            t.shape == params[i].shape for i, s in states.items() for t in s.values()
+            if isinstance(t, torch.Tensor) and t.dim() > 0)
+    except (KeyError, IndexError, TypeError, AttributeError):
+        fits = False
+    if not fits:
+        raise CheckpointError(f"{path}: its optimizer state does not fit this model (missing, or momentum "
+                              "buffers of other shapes). It was left untouched; use another --out to start over.")
+
+
+# --- evaluation -------------------------------------------------------------------------------
+
+
+def make_eval_step(model, args, mean, std) -> Callable:
+    """``eval_step(params, buffers, images_u8, labels, valid) -> (loss_sum, correct)`` in eval
+    mode; ``valid`` masks out the padding of the last batch so every batch has the same shape."""
+    def eval_step(params, buffers, images, labels, valid):
+        inputs = normalize(images, mean, std)
+        with autocast_context(images.device, args.amp):
+            logits = functional_call(model, (params, buffers), (inputs,))
+        losses = F.cross_entropy(logits.float(), labels, reduction="none")
+        correct = (logits.argmax(-1) == labels) & valid
+        return torch.where(valid, losses, 0.0).sum(), correct.sum()
+
+    return torch.compile(eval_step, fullgraph=True) if args.compile else eval_step
