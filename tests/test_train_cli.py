@@ -28,6 +28,14 @@ def test_defaults_are_the_original_recipe():
     assert (args.warmup_epochs, args.nesterov, args.cutout, args.amp, args.compile) == (5, False, False, None, False)
 
 
+def test_adamw_base_takes_the_adamw_recipe_unless_told_otherwise():
+    args = cifar10.parse_args(["--base", "adamw"])
+    assert (args.base, args.lr, args.weight_decay, args.betas) == ("adamw", 1e-3, 0.05, [0.9, 0.999])
+    args = cifar10.parse_args(["--base", "adamw", "--lr", "3e-4", "--weight-decay", "0.1", "--betas", "0.8", "0.99"])
+    assert (args.lr, args.weight_decay, args.betas) == (3e-4, 0.1, [0.8, 0.99])
+    assert cifar10.parse_args(["--lr", "0.2"]).weight_decay == 5e-4  # sgd keeps its recipe
+
+
 def test_bare_amp_means_bf16():
     assert cifar10.parse_args(["--amp"]).amp == "bf16"
     assert cifar10.parse_args(["--amp", "fp16"]).amp == "fp16"
@@ -35,7 +43,9 @@ def test_bare_amp_means_bf16():
 
 @pytest.mark.parametrize("argv", [["--epochs", "0"], ["--lr", "0"], ["--limit-steps", "0"],
                                   ["--epochs", "3", "--warmup-epochs", "4"], ["--model", "resnet18"], ["--m-sharpness", "0"],
-                                  ["--accumulate", "0"], ["--sam-sync", "both"]])
+                                  ["--accumulate", "0"], ["--sam-sync", "both"], ["--base", "adam"],
+                                  ["--base", "adamw", "--betas", "0.9", "1.0"], ["--base", "adamw", "--momentum", "0.9"],
+                                  ["--base", "adamw", "--nesterov"], ["--betas", "nan", "0.9"]])
 def test_bad_values_exit_2_with_a_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cifar10.parse_args(argv)

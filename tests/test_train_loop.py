@@ -22,10 +22,11 @@ def final_params(out: Path) -> dict:
     return load_checkpoint(out / CHECKPOINT_NAME)["params"]
 
 
-def test_functional_and_adapter_apis_take_the_same_steps(tmp_path):
-    """sam_step and SAMSGD (with model=, so BN keeps first-pass statistics) compute the same SAM."""
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, base):
+    """sam_step and SAMSGD / SAM(AdamW) (with model=, so BN keeps first-pass statistics) compute the same SAM."""
     for api in ("functional", "adapter"):
-        assert cifar10.main(tiny_args(tmp_path / api, "--api", api)) == 0
+        assert cifar10.main(tiny_args(tmp_path / api, "--api", api, "--base", base)) == 0
     functional, adapter = final_params(tmp_path / "functional"), final_params(tmp_path / "adapter")
     for name in functional:
         # Same math, different summation order: 20 SAM steps agree to float32 round-off.

@@ -43,9 +43,10 @@ def assert_same_trajectory(run_a: Path, run_b: Path) -> None:
            [{k: v for k, v in r.items() if k not in timing} for r in rows_b]
 
 
-@pytest.mark.parametrize("api", ["functional", "adapter"])
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, api):
-    assert cifar10.main(tiny_args(tmp_path / "straight", "--api", api)) == 0
+@pytest.mark.parametrize("api, base", [("functional", "sgd"), ("adapter", "sgd"), ("adapter", "adamw")])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, api, base):
+    run = ("--api", api, "--base", base)
+    assert cifar10.main(tiny_args(tmp_path / "straight", *run)) == 0
 
     real_evaluate, calls = cifar10.evaluate, []
 
@@ -57,10 +58,10 @@ def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch
 
     monkeypatch.setattr(cifar10, "evaluate", crash_in_second_epoch)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        cifar10.main(tiny_args(tmp_path / "resumed", "--api", api))
+        cifar10.main(tiny_args(tmp_path / "resumed", *run))
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "resumed" / CHECKPOINT_NAME)["epoch"] == 1
-    assert cifar10.main(tiny_args(tmp_path / "resumed", "--api", api, "--resume")) == 0
+    assert cifar10.main(tiny_args(tmp_path / "resumed", *run, "--resume")) == 0
     assert_same_trajectory(tmp_path / "straight", tmp_path / "resumed")
 
 
@@ -109,7 +110,7 @@ def test_truncated_checkpoint_is_refused_and_left_untouched(tmp_path, capsys):
     assert (out / CHECKPOINT_NAME).read_bytes() == half
 
 
-@pytest.mark.parametrize("change", [["--lr", "0.05"], ["--model", "resnet20"], ["--optim", "sgd"]])
+@pytest.mark.parametrize("change", [["--lr", "0.05"], ["--model", "resnet20"], ["--optim", "sgd"], ["--base", "adamw"]])
 def test_checkpoint_of_another_configuration_is_refused(tmp_path, capsys, change):
     out = tmp_path / "run"
     assert cifar10.main(tiny_args(out, "--epochs", "1", "--warmup-epochs", "0")) == 0

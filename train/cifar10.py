@@ -11,7 +11,8 @@ with ``--api functional`` (default) one step is one call of a pure function arou
 ``funcsam.sam_step`` (both passes and the update), which ``--compile`` turns into one fullgraph
 ``torch.compile`` region; the learning rate travels as a 0-dim tensor so the schedule never
 recompiles; loss and accuracy are summed on the device and read every ``LOG_EVERY`` steps.
-``--api adapter`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` optimizer.
+``--api adapter`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` optimizer
+(``funcsam.SAM`` over ``torch.optim.AdamW`` with ``--base adamw``).
 
 Beyond one batch (``--api functional``): ``torchrun --nproc_per_node N -m train.cifar10 ...`` trains
 data-parallel on N processes (NCCL on GPUs, gloo on CPUs). Every rank draws the same global batch

@@ -24,12 +24,15 @@ from train.models import MODELS
 # Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
 # (--compile, --device, --data-dir, --out, --tensorboard may change between a run and its resumption.)
 RUN_DEFINING_ARGS = (
-    "model", "optim", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
+    "model", "optim", "base", "betas", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
-PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1)
+PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
+                             base="sgd", betas=[0.9, 0.999])
+# The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
+ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
 DEFAULT_WARMUP_EPOCHS = 5  # the recipe's; a run shorter than twice that warms up for half its length
 
@@ -58,16 +61,25 @@ def build_parser() -> argparse.ArgumentParser:
     main_models = [m for m in MODELS if m != "tiny"]
     p.add_argument("--model", default="resnet20", choices=list(MODELS), metavar="|".join(main_models),
                    help="network; 'tiny' (1.6K parameters) exists for fast tests only")
-    p.add_argument("--optim", default="sam", choices=["sam", "sgd"], help="sgd = SAM with rho 0 (one pass)")
+    p.add_argument("--optim", default="sam", choices=["sam", "sgd"],
+                   help="sgd = SAM with rho 0: the base optimizer alone, one pass")
+    p.add_argument("--base", default="sgd", choices=["sgd", "adamw"],
+                   help="the base optimizer SAM steps with: sgd (torch.optim.SGD's update, the recipe) or adamw "
+                        f"(torch.optim.AdamW's; without --lr/--weight-decay it uses lr {ADAMW_DEFAULTS['lr']} and "
+                        f"weight decay {ADAMW_DEFAULTS['weight_decay']})")
+    p.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("BETA1", "BETA2"),
+                   help="AdamW's moment decay rates (--base adamw), each in [0, 1)")
     p.add_argument("--rho", type=float, default=0.05, help="SAM neighbourhood radius, >= 0 (ignored by --optim sgd)")
     p.add_argument("--adaptive", action="store_true", help="ASAM: scale-invariant perturbation (use a larger --rho, e.g. 0.5)")
     p.add_argument("--api", default="functional", choices=["functional", "adapter"],
                    help="functional: pure funcsam.sam_step; adapter: closure-style funcsam.SAMSGD")
     p.add_argument("--epochs", type=int, default=200, help="training epochs")
     p.add_argument("--batch-size", type=int, default=128, help="global batch (the ragged last batch is dropped)")
-    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum, >= 0 (>= 1 is accepted with a warning)")
-    p.add_argument("--weight-decay", type=float, default=5e-4, help="L2 weight decay, >= 0")
+    p.add_argument("--lr", type=float, default=0.1, action=_Explicit, help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, action=_Explicit,
+                   help="SGD momentum, >= 0 (>= 1 is accepted with a warning); --base sgd only")
+    p.add_argument("--weight-decay", type=float, default=5e-4, action=_Explicit,
+                   help="weight decay, >= 0: L2 added to the gradient with --base sgd, decoupled with --base adamw")
     p.add_argument("--nesterov", action="store_true", help="Nesterov momentum (needs --momentum > 0)")
     p.add_argument("--warmup-epochs", type=int, default=DEFAULT_WARMUP_EPOCHS, action=_Explicit,
                    help="linear warm-up, then cosine decay to 0; left at its default, a run shorter than "
@@ -129,6 +141,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         check_paths(args)
     except UsageError as err:
         p.error(str(err))
+    given = {name: vars(args).pop(f"_{name}_given", False) for name in ("lr", "momentum", "weight_decay")}
+    if args.base == "adamw":
+        for name, value in ADAMW_DEFAULTS.items():
+            if not given[name]:
+                setattr(args, name, value)
+        if given["momentum"] or args.nesterov:
+            p.error("--momentum and --nesterov are SGD's: with --base adamw the moments are set by --betas")
     if capped:
         note(f"note: warm-up of {args.warmup_epochs} epoch(s), half of --epochs {args.epochs} (the default "
              f"{DEFAULT_WARMUP_EPOCHS} is longer than that); pass --warmup-epochs to choose")
@@ -157,6 +176,8 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):  # NaN fails both
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not all(0 <= beta < 1 for beta in args.betas):  # NaN fails too
+        raise UsageError(f"--betas must both be in [0, 1), got {args.betas[0]} {args.betas[1]}")
     if not 0 <= args.label_smoothing <= 1:
         raise UsageError(f"--label-smoothing must be in [0, 1], got {args.label_smoothing}")
     if args.nesterov and args.momentum == 0:

@@ -53,7 +53,7 @@ def make_summary(args, history: list[dict], num_params: int, device: torch.devic
     # The first epoch of a compiled run includes compilation: leave it out of the throughput.
     steady = history[1:] if len(history) > 1 else history
     return dict(
-        model=args.model, optim=args.optim, rho=args.rho, api=args.api, dataset=args.dataset,
+        model=args.model, optim=args.optim, base=args.base, rho=args.rho, api=args.api, dataset=args.dataset,
         epochs=len(history), parameters=num_params, device=str(device), processes=args.world_size,
         final_test_acc=last.get("test_acc"), best_test_acc=max((r["test_acc"] for r in history), default=None),
         final_train_loss=last.get("train_loss"),
@@ -76,7 +76,7 @@ def header_line(args, num_params: int, device: torch.device, train_images: int, 
     parallel = "" if args.world_size == 1 else f" x {args.world_size} processes (sam_sync={args.sam_sync})"
     parts = (f" m-sharpness={args.m_sharpness}" if args.m_sharpness > 1 else "") + \
             (f" accumulate={args.accumulate}" if args.accumulate > 1 else "") + (" sync-bn" if args.sync_bn else "")
-    return (f"{args.model} ({num_params:,} params) {args.optim} api={args.api} on {device}{parallel}"
+    return (f"{args.model} ({num_params:,} params) {args.optim} base={args.base} api={args.api} on {device}{parallel}"
             f"{' compiled' if args.compile else ''}{' amp=' + args.amp if args.amp else ''}{parts}: "
             f"{args.dataset} {train_images} train / {test_images} test images, {steps} steps/epoch")
 

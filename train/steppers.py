@@ -8,9 +8,9 @@
 ``FunctionalStepper`` carries a ``TrainState`` pytree through one pure function around
 ``funcsam.sam_step`` (or its m-sharpness / accumulation forms), which ``--compile`` makes one
 fullgraph region; the learning rate and rho travel as 0-dim tensors so the schedule never recompiles.
-``AdapterStepper`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` with a
-``LambdaLR`` schedule (and a ``GradScaler`` under fp16). Each builds its optimizer in one place
-(``_init_optimizer``): that is where another base optimizer would be chosen from the arguments.
+``AdapterStepper`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` (``--base
+sgd``) or ``funcsam.SAM`` over ``torch.optim.AdamW`` (``--base adamw``) with a ``LambdaLR`` schedule
+(and a ``GradScaler`` under fp16). Each builds its optimizer in one place (``_init_optimizer``).
 Loss and accuracy are summed into ``TrainTotals`` on the device, so no step waits for the host.
 """
 
@@ -35,7 +35,7 @@ class TrainState(NamedTuple):
 
     params: dict[str, torch.Tensor]
     buffers: dict[str, torch.Tensor]
-    momentum_state: funcsam.MomentumState
+    momentum_state: funcsam.MomentumState | funcsam.AdamState  # the base optimizer's state
     loss_scale: funcsam.LossScaleState | None  # fp16 only
 
 
@@ -87,6 +87,13 @@ def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, 
     return AdapterStepper(args, model, lr_at, mean, std, device)
 
 
+def make_base(args: argparse.Namespace) -> funcsam.SGD | funcsam.Adam:
+    """The pure base optimizer of ``--base`` for ``funcsam.sam_step(..., base=...)``."""
+    if args.base == "adamw":
+        return funcsam.adamw(betas=tuple(args.betas), weight_decay=args.weight_decay)
+    return funcsam.sgd(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov)
+
+
 def detached(named) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in named}
 
@@ -104,11 +111,11 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None) ->
     so ``--compile`` still makes one fullgraph region of it."""
     loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
     m_sharpness, accumulate, sam_sync = args.m_sharpness, args.accumulate, args.sam_sync
+    base = make_base(args)
 
     def step(state: TrainState, totals: TrainTotals, images, labels, crop_offsets, flips, cutout_centres, lr, rho):
         inputs = augment(images, crop_offsets, flips, cutout_centres, mean, std, args.cutout)
-        common = dict(momentum=args.momentum, weight_decay=args.weight_decay, nesterov=args.nesterov,
-                      adaptive=args.adaptive, loss_scale=state.loss_scale, grad_reduce=grad_reduce)
+        common = dict(base=base, adaptive=args.adaptive, loss_scale=state.loss_scale, grad_reduce=grad_reduce)
         if m_sharpness > 1:  # always local: every part perturbs with its own gradient
             out = funcsam.m_sharpness_sam_step(
                 state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
@@ -146,7 +153,7 @@ class FunctionalStepper:
     @staticmethod
     def _init_optimizer(args, params, device):
         loss_scale = funcsam.init_loss_scale(device=device) if args.amp == "fp16" else None
-        return funcsam.init_momentum(params), loss_scale
+        return make_base(args).init(params), loss_scale
 
     def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
         self.lr.fill_(self.lr_at(step_index))
@@ -208,9 +215,17 @@ class AdapterStepper:
         self.forward = torch.compile(model) if args.compile else model
 
     @staticmethod
-    def _init_optimizer(args, model) -> funcsam.SAMSGD:
+    def _init_optimizer(args, model) -> funcsam.SAMOptimizer:
+        if args.base == "adamw":
+            return funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=args.rho, adaptive=args.adaptive, model=model,
+                               lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
         return funcsam.SAMSGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
                               nesterov=args.nesterov, rho=args.rho, adaptive=args.adaptive, model=model)
+
+    @property
+    def _optimizer_key(self) -> str:
+        """The checkpoint's name for the optimizer state ("sam_sgd" as before --base existed)."""
+        return f"sam_{self.args.base}"
 
     def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
         inputs = augment(images, *augmentation, self.mean, self.std, self.args.cutout)
@@ -238,7 +253,7 @@ class AdapterStepper:
     def state_dict(self) -> dict:
         params, buffers = self.params_buffers()
         return dict(params=params, buffers=buffers, optimizer=dict(
-            sam_sgd=self.optimizer.state_dict(), lr_scheduler=self.scheduler.state_dict(),
+            **{self._optimizer_key: self.optimizer.state_dict()}, lr_scheduler=self.scheduler.state_dict(),
             grad_scaler=None if self.scaler is None else self.scaler.state_dict()))
 
     def load_state_dict(self, saved: dict, path) -> None:
@@ -247,7 +262,7 @@ class AdapterStepper:
         check_tensors(saved["params"], params, "parameters", path)
         check_tensors(saved["buffers"], buffers, "buffers", path)
         optimizer = saved["optimizer"]
-        check_optimizer_state(optimizer.get("sam_sgd"), list(params.values()), path)
+        check_optimizer_state(optimizer.get(self._optimizer_key), list(params.values()), path)
         if not isinstance(optimizer.get("lr_scheduler"), dict) or \
                 (self.scaler is not None and not isinstance(optimizer.get("grad_scaler"), dict)):
             raise CheckpointError(f"{path}: its scheduler or loss-scaler state is missing. It was left untouched; "
@@ -257,14 +272,14 @@ class AdapterStepper:
                 v.copy_(saved["params"][k])
             for k, v in buffers.items():
                 v.copy_(saved["buffers"][k])
-        self.optimizer.load_state_dict(optimizer["sam_sgd"])
+        self.optimizer.load_state_dict(optimizer[self._optimizer_key])
         self.scheduler.load_state_dict(optimizer["lr_scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(optimizer["grad_scaler"])
 
 
 def check_optimizer_state(state_dict, params: list[torch.Tensor], path) -> None:
-    """A ``SAMSGD`` state dict whose per-parameter tensors (momentum buffers) have their parameter's shape."""
+    """An optimizer state dict whose per-parameter tensors (momentum buffers, moments) have their parameter's shape."""
     try:
         states = state_dict["state"]
         fits = len(state_dict["param_groups"][0]["params"]) == len(params) and all(
