@@ -45,7 +45,8 @@ def test_bare_amp_means_bf16():
                                   ["--epochs", "3", "--warmup-epochs", "4"], ["--model", "resnet18"], ["--m-sharpness", "0"],
                                   ["--accumulate", "0"], ["--sam-sync", "both"], ["--base", "adam"],
                                   ["--base", "adamw", "--betas", "0.9", "1.0"], ["--base", "adamw", "--momentum", "0.9"],
-                                  ["--base", "adamw", "--nesterov"], ["--betas", "nan", "0.9"]])
+                                  ["--base", "adamw", "--nesterov"], ["--betas", "nan", "0.9"], ["--sharpness-every", "-1"],
+                                  ["--sharpness-images", "0"]])
 def test_bad_values_exit_2_with_a_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cifar10.parse_args(argv)

@@ -106,3 +106,17 @@ def test_compiled_amp_run_compiles_once_and_never_recompiles(tmp_path, optim):
     assert not counters["graph_break"], dict(counters["graph_break"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len({r["lr"] for r in rows}) == 3 and all(r["train_loss"] == r["train_loss"] for r in rows)
+
+
+def test_sharpness_is_recorded_without_changing_the_trajectory(tmp_path):
+    assert cifar10.main(tiny_args(tmp_path / "plain")) == 0
+    assert cifar10.main(tiny_args(tmp_path / "measured", "--sharpness-every", "1", "--sharpness-images", "64")) == 0
+    plain, measured = final_params(tmp_path / "plain"), final_params(tmp_path / "measured")
+    assert all(torch.equal(plain[k], measured[k]) for k in plain)
+    rows = [json.loads(line) for line in (tmp_path / "measured" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows if "top_eigenvalue" in r] == [1, 2]
+    assert all(r["top_eigenvalue"] > 0 and r["hessian_trace"] > 0 for r in rows)
+    summary = json.loads((tmp_path / "measured" / "summary.json").read_text())
+    assert summary["final_top_eigenvalue"] == rows[-1]["top_eigenvalue"]
+    assert "final_top_eigenvalue" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
+    assert plot.main([str(tmp_path / "measured"), str(tmp_path / "plain"), "-o", str(tmp_path / "both.png")]) == 0

@@ -44,6 +44,7 @@ import shlex
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -55,10 +56,10 @@ from train import checkpoint as ckpt
 from train import parallel
 from train.config import (PRE_EXISTING_DEFAULTS, RUN_DEFINING_ARGS, UsageError, check_beyond_one_batch, parse_args,
                           pick_device, requested_world_size)
-from train.data import Dataset, DatasetUnavailable, load_cifar, make_epoch_plan, make_synthetic
+from train.data import Dataset, DatasetUnavailable, load_cifar, make_epoch_plan, make_synthetic, normalize
 from train.models import build_model, count_parameters
 from train.reporting import SUMMARY_NAME, EpochClock, Reporter, epoch_row, header_line, make_summary
-from train.steppers import make_eval_step, make_stepper, zero_totals
+from train.steppers import make_criterion, make_eval_step, make_stepper, zero_totals
 
 LOG_EVERY = 50  # steps between host reads of the running loss (one device sync each)
 
@@ -116,6 +117,7 @@ def train(args: argparse.Namespace) -> dict:
         stepper = make_stepper(args, model, lambda s: learning_rate(s, total, warmup, args.lr), mean, std, device,
                                grad_reduce)
         eval_step = make_eval_step(model, args, mean, std)
+        sharpness_batch = (normalize(train_images[:args.sharpness_images], mean, std), train_labels[:args.sharpness_images])
         start_epoch, history = resume(stepper, saved, out / ckpt.CHECKPOINT_NAME, report)
 
         parallel.barrier(dp)  # every rank has checked (and read) the checkpoint before rank 0 writes anything
@@ -140,6 +142,8 @@ def train(args: argparse.Namespace) -> dict:
                                                2 * args.batch_size, args.limit_steps)  # no gradients: twice the batch
                 row = epoch_row(epoch + 1, step, reported, steps_per_epoch * args.batch_size, test_loss, test_acc,
                                 learning_rate(step - 1, total, warmup, args.lr), clock)
+                if measures_sharpness(args, epoch):
+                    row.update(measure_sharpness(model, *stepper.params_buffers(), sharpness_batch, args))
                 ckpt.save(out / ckpt.CHECKPOINT_NAME, vars(args), epoch + 1, step, history + [row], stepper)
                 report.epoch(row)
             history.append(parallel.share_from_rank_0(row, dp))  # also waits for rank 0's checkpoint
@@ -232,6 +236,25 @@ def evaluate(eval_step, model, params, buffers, test, batch_size: int, limit: in
             loss_sum, correct, seen = loss_sum + batch_loss, correct + batch_correct, seen + real
     model.train()
     return loss_sum.item() / seen, correct.item() / seen
+
+
+def measures_sharpness(args, epoch: int) -> bool:
+    """Whether the end of (0-based) ``epoch`` measures sharpness: every --sharpness-every epochs, and the last."""
+    return args.sharpness_every > 0 and ((epoch + 1) % args.sharpness_every == 0 or epoch + 1 == args.epochs)
+
+
+def measure_sharpness(model, params, buffers, batch, args) -> dict:
+    """The top Hessian eigenvalue and the Hessian trace of the training loss at ``params`` on ``batch``.
+
+    The model stays in training mode (BatchNorm normalises with the subset's statistics: the loss
+    SAM minimises), in fp32; nothing is modified, and the random vectors come from the run's seed
+    through their own generator, so the trajectory is the same with or without the measurement."""
+    started = time.perf_counter()
+    loss_fn = funcsam.make_loss_fn(model, make_criterion(args))
+    top = funcsam.top_hessian_eigenvalue(loss_fn, params, buffers, batch, iters=20, seed=args.seed)
+    trace = funcsam.hessian_trace(loss_fn, params, buffers, batch, samples=20, seed=args.seed)
+    return dict(top_eigenvalue=top.value.item(), hessian_trace=trace.value.item(),
+                hessian_trace_stderr=trace.stderr.item(), sharpness_seconds=time.perf_counter() - started)
 
 
 def check_finite(totals, epoch: int, step_in_epoch: int) -> None:

@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-steps", type=int, default=None, metavar="N",
                    help="cap every epoch at N training steps and the evaluation at N batches "
                         "(the schedule spans the steps actually run); for quick tests and benchmarks")
+    p.add_argument("--sharpness-every", type=int, default=0, metavar="N",
+                   help="every N epochs (and after the last) measure the top Hessian eigenvalue (power iteration, "
+                        "20 Hessian-vector products) and the Hessian trace (Hutchinson, 20 samples) of the "
+                        "training loss on a fixed subset of --sharpness-images training images; 0 = never")
+    p.add_argument("--sharpness-images", type=int, default=256, metavar="K",
+                   help="the first K training images (unaugmented) on which --sharpness-every measures")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every epoch's metrics to --out/tensorboard (needs the [tensorboard] extra)")
     beyond = p.add_argument_group(
@@ -165,7 +171,9 @@ def note(message: str) -> None:
 
 
 def check_numbers(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "synthetic_size", "m_sharpness", "accumulate"):
+    if args.sharpness_every < 0:
+        raise UsageError(f"--sharpness-every must be >= 0 (0: never), got {args.sharpness_every}")
+    for name in ("epochs", "batch_size", "synthetic_size", "m_sharpness", "accumulate", "sharpness_images"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.limit_steps is not None and args.limit_steps < 1:

@@ -1,4 +1,5 @@
-"""Draw a run's curves (loss, accuracy, learning rate per epoch) from its metrics.jsonl to a PNG.
+"""Draw a run's curves (loss, accuracy, learning rate, and sharpness when measured, per epoch) from its
+metrics.jsonl to a PNG.
 
     python -m train.plot runs/sam                 # -> runs/sam/curves.png
     python -m train.plot runs/sam runs/sgd -o sam_vs_sgd.png   # two runs on the same axes
@@ -37,9 +38,10 @@ def plot_runs(run_dirs: list[Path], output: Path) -> Path:
     matplotlib.use("Agg")  # files only: works without a display
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for run_dir in run_dirs:
-        rows = read_metrics(run_dir)
+    runs = {run_dir: read_metrics(run_dir) for run_dir in run_dirs}
+    sharpness = any("top_eigenvalue" in row for rows in runs.values() for row in rows)
+    fig, axes = plt.subplots(1, 4 if sharpness else 3, figsize=(20 if sharpness else 15, 4.2))
+    for run_dir, rows in runs.items():
         label = run_label(run_dir)
         epochs = [r["epoch"] for r in rows]
         line = axes[0].plot(epochs, [r["train_loss"] for r in rows], "--", label=f"{label} train")[0]
@@ -47,7 +49,12 @@ def plot_runs(run_dirs: list[Path], output: Path) -> Path:
         axes[1].plot(epochs, [100 * r["train_acc"] for r in rows], "--", color=line.get_color(), label=f"{label} train")
         axes[1].plot(epochs, [100 * r["test_acc"] for r in rows], color=line.get_color(), label=f"{label} test")
         axes[2].plot(epochs, [r["lr"] for r in rows], color=line.get_color(), label=label)
-    for ax, title in zip(axes, ("loss", "accuracy (%)", "learning rate (end of epoch)")):
+        measured = [r for r in rows if "top_eigenvalue" in r]
+        if sharpness and measured:
+            axes[3].plot([r["epoch"] for r in measured], [r["top_eigenvalue"] for r in measured], "o-",
+                         color=line.get_color(), label=label)
+    titles = ("loss", "accuracy (%)", "learning rate (end of epoch)", "sharpness: top Hessian eigenvalue")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

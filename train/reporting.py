@@ -59,7 +59,16 @@ def make_summary(args, history: list[dict], num_params: int, device: torch.devic
         final_train_loss=last.get("train_loss"),
         train_images_per_s=(sum(r["images_per_s"] for r in steady) / len(steady)) if steady else None,
         total_seconds=sum(r["seconds"] for r in history),
+        **_last_sharpness(history),
     )
+
+
+def _last_sharpness(history: list[dict]) -> dict:
+    """The last --sharpness-every measurement (top eigenvalue, trace), if the run made one."""
+    measured = [r for r in history if "top_eigenvalue" in r]
+    if not measured:
+        return {}
+    return dict(final_top_eigenvalue=measured[-1]["top_eigenvalue"], final_hessian_trace=measured[-1]["hessian_trace"])
 
 
 def closing_line(summary: dict, out: Path) -> str:
