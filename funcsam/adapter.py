@@ -125,6 +125,9 @@ class SAMOptimizer(torch.optim.Optimizer):
                         grad_scaler)
             return loss
         self._first_step(grad_scaler, pre_step_buffers)
+        # As davda54's first_step(zero_grad=True): a closure that does not zero the gradients itself
+        # would otherwise add the gradient at w + e to the one at w.
+        self.zero_grad()
         try:
             _evaluate(closure)
         except BaseException:

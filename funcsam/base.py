@@ -186,7 +186,8 @@ def _check_adam_hyperparameters(betas, eps, weight_decay, amsgrad) -> None:
 def check_base(base: Any) -> None:
     """``base`` must be a base optimizer made by ``funcsam.sgd``, ``funcsam.adam`` or ``funcsam.adamw``."""
     if not isinstance(base, (SGD, Adam)):
-        hint = " (pass an instance: funcsam.adamw(), not funcsam.adamw)" if base in (sgd, adam, adamw) else ""
+        called = f"funcsam.{getattr(base, '__name__', '')}()"
+        hint = f" (pass an instance: {called}, not {called[:-2]})" if base in (sgd, adam, adamw) else ""
         raise TypeError(
             f"base must be a funcsam base optimizer such as funcsam.sgd(momentum=0.9) or funcsam.adamw(), "
             f"got {type(base).__name__}{hint}; a torch.optim class goes to funcsam.SAM instead"
