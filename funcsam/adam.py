@@ -14,6 +14,7 @@ need no host sync and a schedule of tensor ``lr`` values never recompiles.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -53,11 +54,19 @@ def adam_update(
         max_exp_avg_sqs = torch._foreach_maximum(list(max_exp_avg_sqs), exp_avg_sqs)
 
     step = (count + 1).to(torch.float32)
-    bias_correction1 = 1 - torch.pow(beta1, step)
-    bias_correction2_sqrt = torch.sqrt(1 - torch.pow(beta2, step))
+    bias_correction1 = _bias_correction(beta1, step)
+    bias_correction2_sqrt = torch.sqrt(_bias_correction(beta2, step))
     denominators = torch._foreach_sqrt(exp_avg_sqs if max_exp_avg_sqs is None else max_exp_avg_sqs)
     torch._foreach_mul_(denominators, 1 / bias_correction2_sqrt)
     torch._foreach_add_(denominators, eps)
     updates = torch._foreach_div(exp_avgs, denominators)
     torch._foreach_mul_(updates, lr / bias_correction1)
     return torch._foreach_sub(params, updates), exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+
+
+def _bias_correction(beta: float, step: Tensor) -> Tensor:
+    """1 - beta^step, as -expm1(step * log(beta)): accurate in float32 even where beta^step is close
+    to 1 (beta2 = 0.999 early in training), where 1 - pow(beta, step) would lose five digits."""
+    if beta == 0:
+        return torch.ones_like(step)
+    return -torch.expm1(step * math.log(beta))
