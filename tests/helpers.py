@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import os
 import socket
 import subprocess
@@ -94,6 +95,13 @@ def assert_trees_close(a: dict, b: dict, atol: float, rtol: float = 0.0):
         torch.testing.assert_close(a[key].float(), b[key].float(), atol=atol, rtol=rtol, msg=lambda m: f"{key}: {m}")
 
 
+def assert_trees_equal(a: dict, b: dict):
+    """Bit for bit, in the tensors' own dtype (``assert_trees_close`` compares in float32)."""
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), key
+
+
 def reference_sam_sgd(model, batches, *, rho, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
                       nesterov=False, adaptive=False, eta=0.0, eps=1e-12):
     """SAM + torch.optim.SGD written out by hand with torch.autograd, one tensor at a time.
@@ -169,3 +177,133 @@ def launch_gloo_ranks(argv: list, world: int, timeout: float, cwd=None, extra_en
                 proc.wait()
     return [subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
             for proc, (out, err) in zip(procs, outputs)]
+
+
+def torch_optimizer(model, batches, optimizer_class, **hyper):
+    """Params after ``optimizer_class`` (any torch.optim class) over ``batches`` with cross-entropy,
+    on a copy of ``model``."""
+    model = copy.deepcopy(model)
+    optimizer = optimizer_class(model.parameters(), **hyper)
+    for inputs, targets in batches:
+        optimizer.zero_grad()
+        F.cross_entropy(model(inputs), targets).backward()
+        optimizer.step()
+    return params_and_buffers(model)[0]
+
+
+def run_sam_step_with_base(model, batches, *, rho, lr, base, **options):
+    """Params, buffers and state after ``sam_step(..., base=base)`` over ``batches`` (model left untouched)."""
+    params, buffers = params_and_buffers(model)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    state = base.init(params)
+    for batch in batches:
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, base=base, **options)
+        params, buffers, state = out.params, out.buffers, out.momentum_state
+    return params, buffers, state
+
+
+ADAPTER_STYLES = ["first_second", "davda54_closure", "closure"]
+
+
+def adapter_steps(model, optimizer, batches, style, after_step=None):
+    """Trains ``model`` in place with a SAM optimizer in one of the ``ADAPTER_STYLES``:
+
+    first_second     backward; first_step(zero_grad=True); backward; second_step(zero_grad=True)
+    davda54_closure  backward; step(closure that only computes and backpropagates); zero_grad()
+    closure          step(closure that zeroes, computes and backpropagates), as sam.pytorch
+    """
+    for inputs, targets in batches:
+        def loss(inputs=inputs, targets=targets):
+            return F.cross_entropy(model(inputs), targets)
+
+        if style == "first_second":
+            loss().backward()
+            optimizer.first_step(zero_grad=True)
+            loss().backward()
+            optimizer.second_step(zero_grad=True)
+        elif style == "davda54_closure":
+            def closure():
+                value = loss()
+                value.backward()
+                return value
+            loss().backward()
+            optimizer.step(closure)
+            optimizer.zero_grad()
+        elif style == "closure":
+            def closure():
+                optimizer.zero_grad()
+                value = loss()
+                value.backward()
+                return value
+            optimizer.step(closure)
+        else:
+            raise ValueError(style)
+        if after_step is not None:
+            after_step()
+
+
+def reference_sam(model, batches, *, rho, descend, eps=1e-12, max_grad_norm=None):
+    """SAM over any base optimizer, written out by hand with torch.autograd, one tensor at a time.
+
+    ``rho`` is a float or a dict name -> rho (param groups; the gradient norm stays global).
+    ``descend(step, name, p, g, state)`` applies the base optimizer's update to ``p`` in place, with
+    ``state`` a dict of its own for each parameter. The perturbed pass runs the module itself and
+    its BatchNorm updates are put back, so buffers hold the first pass's statistics. With
+    ``max_grad_norm`` the SAM gradient is clipped by its global norm (coefficient
+    min(1, max_grad_norm / (norm + 1e-6)), as torch.nn.utils.clip_grad_norm_).
+    Returns ``(params, buffers)`` of a trained copy of ``model``.
+    """
+    model = copy.deepcopy(model)
+    names = [name for name, _ in model.named_parameters()]
+    params = [p for _, p in model.named_parameters()]
+    rhos = rho if isinstance(rho, dict) else {name: rho for name in names}
+    states = {name: {} for name in names}
+
+    def gradient(inputs, targets):
+        return torch.autograd.grad(F.cross_entropy(model(inputs), targets), params)
+
+    for step, (inputs, targets) in enumerate(batches):
+        g = gradient(inputs, targets)
+        first_pass_buffers = [b.clone() for b in model.buffers()]
+        with torch.no_grad():
+            w = [p.clone() for p in params]
+            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+            for name, p, gi in zip(names, params, g):
+                p.add_(rhos[name] * gi / (norm + eps))
+        g_sam = gradient(inputs, targets)
+        with torch.no_grad():
+            for b, saved in zip(model.buffers(), first_pass_buffers):
+                b.copy_(saved)
+            for p, wi in zip(params, w):
+                p.copy_(wi)
+            if max_grad_norm is not None:
+                sam_norm = torch.sqrt(sum((gi ** 2).sum() for gi in g_sam))
+                g_sam = [gi * min(1.0, max_grad_norm / (float(sam_norm) + 1e-6)) for gi in g_sam]
+            for name, p, gi in zip(names, params, g_sam):
+                descend(step, name, p, gi, states[name])
+    return params_and_buffers(model)
+
+
+def adamw_by_hand(*, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, lr_factor=None):
+    """A ``descend`` for :func:`reference_sam`: torch.optim.AdamW's update of one tensor.
+
+    ``lr`` is a float or a dict name -> lr; ``lr_factor(step)`` multiplies it (a schedule)::
+
+        w = w * (1 - lr * wd);  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  v_max = max(v_max, v)
+        w = w - lr / (1 - b1^t) * m / (sqrt(v or v_max) / sqrt(1 - b2^t) + eps)
+    """
+    beta1, beta2 = betas
+
+    def descend(step, name, p, g, state):
+        step_lr = (lr[name] if isinstance(lr, dict) else lr) * (1.0 if lr_factor is None else lr_factor(step))
+        t = step + 1
+        if not state:
+            state.update(m=torch.zeros_like(p), v=torch.zeros_like(p), v_max=torch.zeros_like(p))
+        p.mul_(1 - step_lr * weight_decay)
+        state["m"] = beta1 * state["m"] + (1 - beta1) * g
+        state["v"] = beta2 * state["v"] + (1 - beta2) * g * g
+        state["v_max"] = torch.maximum(state["v_max"], state["v"])
+        v = state["v_max"] if amsgrad else state["v"]
+        p.sub_(step_lr / (1 - beta1 ** t) * state["m"] / (v.sqrt() / math.sqrt(1 - beta2 ** t) + eps))
+
+    return descend

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import funcsam
 from helpers import (
-    assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, reference_sam_sgd, torch_sgd,
+    assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, reference_sam_sgd,
+    run_sam_step_with_base, torch_sgd,
 )
 
 
@@ -17,7 +18,7 @@ def run_accumulated(model, batches, cut, rho, lr, **hyper):
     its micro-batches."""
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    state = funcsam.init_momentum(params)
+    state = hyper["base"].init(params) if "base" in hyper else funcsam.init_momentum(params)
     for batch in batches:
         out = funcsam.accumulated_sam_step(params, buffers, cut(batch), loss_fn, rho, lr, state, **hyper)
         params, buffers, state = out.params, out.buffers, out.momentum_state
@@ -33,6 +34,15 @@ def test_k_micro_batches_equal_the_whole_batch_step(k, nesterov, adaptive):
     expected = reference_sam_sgd(model, batches, rho=rho, lr=0.1, **hyper)
     params, _, _ = run_accumulated(model, batches, lambda b: funcsam.split_batch(b, k), rho, 0.1, **hyper)
     assert_trees_close(params, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_adamw_base_over_micro_batches_equals_the_whole_batch_step(k):
+    model, batches, base = mlp(), classification_batches(3, 16, (6,)), funcsam.adamw(weight_decay=0.05)
+    expected, _, expected_state = run_sam_step_with_base(model, batches, rho=0.05, lr=1e-2, base=base)
+    params, _, out = run_accumulated(model, batches, lambda b: funcsam.split_batch(b, k), 0.05, 1e-2, base=base)
+    assert_trees_close(params, expected, atol=1e-6)
+    assert_trees_close(out.momentum_state.exp_avg_sq, expected_state.exp_avg_sq, atol=1e-8)
 
 
 def test_unequal_micro_batches_are_weighted_by_their_size():

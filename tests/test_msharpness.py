@@ -10,13 +10,16 @@ import torch.nn.functional as F
 import funcsam
 from funcsam.engine import SAMOptions, prepare_step
 from funcsam.msharpness import vmapped_m_sharpness_step
-from helpers import assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, torch_sgd
+from helpers import (
+    assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, run_sam_step_with_base,
+    torch_sgd,
+)
 
 
 def run_m_sharpness(model, batches, m, rho, lr, **hyper):
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    state = funcsam.init_momentum(params)
+    state = hyper["base"].init(params) if "base" in hyper else funcsam.init_momentum(params)
     for batch in batches:
         out = funcsam.m_sharpness_sam_step(params, buffers, batch, loss_fn, rho, lr, state, m=m, **hyper)
         params, buffers, state = out.params, out.buffers, out.momentum_state
@@ -105,6 +108,16 @@ def test_one_part_equals_sam_step(make_model, shape):
     torch.testing.assert_close(out.loss, expected.loss)
     torch.testing.assert_close(out.aux, expected.aux)
     torch.testing.assert_close(out.grad_norm, expected.grad_norm)
+
+
+def test_adamw_base_with_one_part_equals_sam_step_and_rho_zero_equals_adamw():
+    model, batches, base = mlp(), classification_batches(3, 16, (6,)), funcsam.adamw(weight_decay=0.05)
+    expected, _, _ = run_sam_step_with_base(model, batches, rho=0.05, lr=1e-2, base=base)
+    one_part, _, _ = run_m_sharpness(model, batches, 1, 0.05, 1e-2, base=base)
+    assert_trees_close(one_part, expected, atol=1e-6)
+    whole, _, _ = run_sam_step_with_base(model, batches, rho=0, lr=1e-2, base=base)
+    parts, _, _ = run_m_sharpness(model, batches, 4, 0, 1e-2, base=base)  # rho 0: the mean of part gradients
+    assert_trees_close(parts, whole, atol=1e-6)
 
 
 def test_loss_and_logits_are_those_of_the_whole_batch_without_batchnorm():
