@@ -59,3 +59,11 @@ __all__ += ["accumulated_sam_step", "distributed", "m_sharpness_sam_step", "shar
 from .sharpness import HessianEigenvalue, HessianTrace, hessian_trace, top_hessian_eigenvalue
 
 __all__ += ["HessianEigenvalue", "HessianTrace", "hessian_trace", "top_hessian_eigenvalue"]
+
+# Issue 10: cheaper SAM modes.
+from .modes import (
+    Every, Late, LookSAMState, every, gsam_step, init_looksam, late, looksam_step, msam_step, scheduled_sam_step,
+)
+
+__all__ += ["Every", "Late", "LookSAMState", "every", "gsam_step", "init_looksam", "late", "looksam_step", "msam_step",
+            "scheduled_sam_step"]

@@ -237,6 +237,16 @@ def perturb(setup: StepSetup, grads: list) -> tuple[list, Tensor]:
                                  eps=options.eps)
 
 
+def one_pass_gradient(setup: StepSetup, grads: list) -> SAMGradient:
+    """The (scaled, unreduced) gradient of a step's single pass, reduced and unscaled, with its norm
+    and verdict: what the base step (rho = 0), MSAM and LookSAM's cheap steps apply or build on."""
+    if setup.options.grad_reduce is not None:
+        grads = reduce_gradients(setup.options.grad_reduce, grads)
+    grads = unscale(grads, setup.options.loss_scale)
+    grad_norm = global_norm(grads)
+    return SAMGradient(grads, grad_norm, torch.isfinite(grad_norm), grads)
+
+
 def sam_gradient(setup: StepSetup, grads: list, gradient_at: Callable[[list], list]) -> SAMGradient:
     """From the (scaled, unreduced) first gradient to the SAM gradient.
 
@@ -245,15 +255,13 @@ def sam_gradient(setup: StepSetup, grads: list, gradient_at: Callable[[list], li
     it reduces and unscales in turn. With the Python number ``rho == 0`` the first gradient is the
     one applied, so it is reduced under either sync and no second gradient is taken.
     """
+    if is_static_zero(setup.rho):
+        return one_pass_gradient(setup, grads)
     options = setup.options
     reduce, loss_scale = options.grad_reduce, options.loss_scale
-    one_pass = is_static_zero(setup.rho)
-    if reduce is not None and (options.sam_sync == "global" or one_pass):
+    if reduce is not None and options.sam_sync == "global":
         grads = reduce_gradients(reduce, grads)
     grads = unscale(grads, loss_scale)
-    if one_pass:
-        grad_norm = global_norm(grads)
-        return SAMGradient(grads, grad_norm, torch.isfinite(grad_norm), grads)
     perturbation, grad_norm = perturb(setup, grads)
     sam_grads = gradient_at(torch._foreach_add(setup.leaves, perturbation))
     if reduce is not None:

@@ -8,7 +8,6 @@ value would force a host sync on every step.
 
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
@@ -18,8 +17,16 @@ def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _is_symbolic(value) -> bool:
+    """A number torch.compile traces symbolically (a Python number it chose to make dynamic)."""
+    return isinstance(value, (torch.SymInt, torch.SymFloat))
+
+
 def check_scalar(name: str, value, *, allow_tensor: bool = False, minimum: float = 0.0) -> None:
-    """``value`` must be a real number >= ``minimum`` (or a 0-dim floating tensor if allowed)."""
+    """``value`` must be a real number >= ``minimum`` (or a 0-dim floating tensor if allowed).
+    A symbolic number under torch.compile has no value to check: it passes."""
+    if _is_symbolic(value):
+        return
     if isinstance(value, torch.Tensor):
         if not allow_tensor:
             raise TypeError(f"{name} must be a Python number, got a tensor; use float({name})")
@@ -36,7 +43,9 @@ def check_scalar(name: str, value, *, allow_tensor: bool = False, minimum: float
 
 
 def _check_value(name: str, value: float, minimum: float) -> None:
-    if not math.isfinite(value):
+    # value - value is 0 for every finite number and NaN for inf and NaN; unlike math.isfinite it also
+    # traces when torch.compile made the number symbolic.
+    if not value - value == 0:
         raise ValueError(f"{name} must be a finite number, got {value}")
     if not value >= minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
@@ -63,5 +72,6 @@ def check_sam_options(*, eta: float, eps: float, max_grad_norm: float | None) ->
 
 
 def is_static_zero(value) -> bool:
-    """True for a Python number equal to 0: rho given this way means plain SGD, one pass."""
-    return _is_number(value) and value == 0
+    """True for a Python number equal to 0: rho given this way means plain SGD, one pass. (Under
+    torch.compile a symbolic number is compared too: the graph is specialised on the answer.)"""
+    return (_is_number(value) or _is_symbolic(value)) and bool(value == 0)

@@ -34,14 +34,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.func import grad, jvp
 
 from .base import check_params
 from .engine import unpack_loss_fn_output
-from .tree import PyTree, Tensor, flatten, global_norm, unflatten
+from .tree import PyTree, Tensor, dot, flatten, global_norm, unflatten
 
 HessianVectorProduct = Callable[[list], list]
 
@@ -124,7 +124,7 @@ def top_hessian_eigenvalue(
     previous = None
     for iteration in range(1, iters + 1):
         product = hvp(vector)
-        value = _dot(vector, product)
+        value = dot(vector, product)
         norm = global_norm(product)
         if not bool(torch.isfinite(norm)):
             return HessianEigenvalue(value, unflatten(spec, vector), iteration, False)
@@ -176,7 +176,7 @@ def hessian_trace(
     for _ in range(samples):
         signs = [torch.randint(0, 2, leaf.shape, generator=generator, dtype=torch.int8) for leaf in leaves]
         vector = [(2 * s - 1).to(leaf) for s, leaf in zip(signs, leaves)]
-        quadratic_forms.append(_dot(vector, hvp(vector)))
+        quadratic_forms.append(dot(vector, hvp(vector)))
     forms = torch.stack(quadratic_forms)
     if samples == 1:
         stderr = torch.full_like(forms[0], math.nan)
@@ -205,12 +205,6 @@ def _setup(
         return [t.detach() for t in jvp(gradient, (leaves,), (list(vector),))[1]]
 
     return leaves, spec, hvp
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """sum_i a_i . b_i over every leaf, accumulated in fp32 (fp64 if any leaf is fp64)."""
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in a) else torch.float32
-    return torch.stack([torch.sum(x * y, dtype=dtype) for x, y in zip(a, b)]).sum()
 
 
 def _check_count(name: str, value) -> None:

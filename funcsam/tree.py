@@ -62,6 +62,13 @@ def global_norm(leaves: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
+def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """sum_i <a_i, b_i> over aligned leaf lists: a 0-dim tensor, accumulated in fp32 (fp64 if any leaf
+    of ``a`` is fp64), as :func:`global_norm`."""
+    dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in a) else torch.float32
+    return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()
+
+
 def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:
     """Detached copies of ``tensors``, made with one multi-tensor kernel per dtype where the device has one."""
     tensors = [t.detach() for t in tensors]

@@ -56,3 +56,25 @@ def test_model_without_buffers_compiles():
     assert counter.frame_count == 1
     assert compiled[1] == {}
     assert_trees_close(compiled[0], eager[0], atol=1e-6)
+
+
+def test_alternating_tensor_rho_and_the_number_zero_keeps_two_graphs():
+    """A schedule of SAM steps (tensor rho) and base steps (the Python number 0): torch.compile makes
+    the number symbolic when it recompiles, and the argument checks must trace it."""
+    from helpers import mlp
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(funcsam.sam_step, backend=counter, fullgraph=True)
+    model, batches = mlp(), classification_batches(6, 4, (6,))
+    params, _ = params_and_buffers(model)
+    expected = dict(params)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    state = expected_state = funcsam.init_momentum(params)
+    for i, batch in enumerate(batches):
+        rho = torch.tensor(0.05 + 0.01 * i) if i % 2 == 0 else 0
+        out = step(params, {}, batch, loss_fn, rho, torch.tensor(0.1), state, momentum=0.9)
+        ref = funcsam.sam_step(expected, {}, batch, loss_fn, rho, torch.tensor(0.1), expected_state, momentum=0.9)
+        params, state, expected, expected_state = out.params, out.momentum_state, ref.params, ref.momentum_state
+    assert counter.frame_count == 2
+    assert_trees_close(params, expected, atol=1e-6)
