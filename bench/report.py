@@ -25,8 +25,13 @@ RATIOS = [
     ("sam_step (eager)", "torch.optim.SGD (eager)", 2.05),
     ("sam_step (compiled)", "SGD via sam_step rho=0 (compiled)", 2.02),
     ("sam_step (compiled)", "torch.optim.SGD (eager)", 1.5),
+    ("sam_step (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
+    ("compile(model) + SAM(SGD) first/second step (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
+    ("sam_step (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
     ("SAM(AdamW) first/second step (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (eager)", "torch.optim.AdamW (eager)", 2.05),
+    ("sam_step base=adamw (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
+    ("sam_step base=adamw (compiled)", "compile(model) + SAM(AdamW) first/second step (compiled)", 1.00),
 ]
 
 

@@ -39,15 +39,17 @@ def make_problem(batch_size: int = 128, device: str = "cpu", seed: int = 0, chan
     return model, (inputs, targets)
 
 
-def torch_step(model, batch, base: str = "sgd") -> Callable[[], object]:
-    """The base optimizer alone (torch.optim.SGD or AdamW): the baseline of every ratio."""
+def torch_step(model, batch, base: str = "sgd", compile_model: bool = False) -> Callable[[], object]:
+    """The base optimizer alone (torch.optim.SGD or AdamW): the baseline of every ratio; with
+    ``compile_model``, the forward is ``torch.compile(model)`` (the optimizer stays eager)."""
     model = copy.deepcopy(model)
+    forward = torch.compile(model) if compile_model else model
     recipe = RECIPES[base]
     optimizer = recipe["torch"](model.parameters(), lr=recipe["lr"], **recipe["hyper"])
 
     def step():
         optimizer.zero_grad()
-        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss = F.cross_entropy(forward(batch[0]), batch[1])
         loss.backward()
         optimizer.step()
         return loss
@@ -72,18 +74,20 @@ def samsgd_step(model, batch) -> Callable[[], object]:
     return lambda: optimizer.step(closure)
 
 
-def sam_adapter_step(model, batch, base: str = "sgd") -> Callable[[], object]:
-    """``funcsam.SAM`` over the torch.optim optimizer, in davda54's first/second-step style."""
+def sam_adapter_step(model, batch, base: str = "sgd", compile_model: bool = False) -> Callable[[], object]:
+    """``funcsam.SAM`` over the torch.optim optimizer, in davda54's first/second-step style; with
+    ``compile_model``, what a davda54 user compiles: ``torch.compile(model)``, the optimizer eager."""
     model = copy.deepcopy(model)
+    forward = torch.compile(model) if compile_model else model
     recipe = RECIPES[base]
     optimizer = funcsam.SAM(model.parameters(), recipe["torch"], rho=RHO, model=model, lr=recipe["lr"],
                             **recipe["hyper"])
 
     def step():
-        loss = F.cross_entropy(model(batch[0]), batch[1])
+        loss = F.cross_entropy(forward(batch[0]), batch[1])
         loss.backward()
         optimizer.first_step(zero_grad=True)
-        F.cross_entropy(model(batch[0]), batch[1]).backward()
+        F.cross_entropy(forward(batch[0]), batch[1]).backward()
         optimizer.second_step(zero_grad=True)
         return loss
 
@@ -122,9 +126,16 @@ VARIANTS = {
     "sam_step (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False),
     "SGD via sam_step rho=0 (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True),
     "sam_step (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True),
+    "compile(model) + torch.optim.SGD (compiled)": lambda m, b: torch_step(m, b, "sgd", compile_model=True),
+    "compile(model) + SAM(SGD) first/second step (compiled)": lambda m, b: sam_adapter_step(m, b, "sgd", True),
     "torch.optim.AdamW (eager)": lambda m, b: torch_step(m, b, "adamw"),
     "SAM(AdamW) first/second step (eager)": lambda m, b: sam_adapter_step(m, b, "adamw"),
     "sam_step base=adamw (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False, base="adamw"),
+    "AdamW via sam_step rho=0 base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True,
+                                                                                     base="adamw"),
+    "sam_step base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True, base="adamw"),
+    "compile(model) + torch.optim.AdamW (compiled)": lambda m, b: torch_step(m, b, "adamw", compile_model=True),
+    "compile(model) + SAM(AdamW) first/second step (compiled)": lambda m, b: sam_adapter_step(m, b, "adamw", True),
 }
 
 
