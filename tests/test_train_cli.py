@@ -36,6 +36,11 @@ def test_adamw_base_takes_the_adamw_recipe_unless_told_otherwise():
     assert cifar10.parse_args(["--lr", "0.2"]).weight_decay == 5e-4  # sgd keeps its recipe
 
 
+def test_late_sam_defaults_to_the_last_tenth_of_the_run():
+    assert cifar10.parse_args(["--sam-mode", "late", "--epochs", "200"]).sam_start_epoch == 180
+    assert cifar10.parse_args(["--sam-mode", "late", "--epochs", "3", "--warmup-epochs", "1"]).sam_start_epoch == 2
+
+
 def test_bare_amp_means_bf16():
     assert cifar10.parse_args(["--amp"]).amp == "bf16"
     assert cifar10.parse_args(["--amp", "fp16"]).amp == "fp16"
@@ -46,7 +51,11 @@ def test_bare_amp_means_bf16():
                                   ["--accumulate", "0"], ["--sam-sync", "both"], ["--base", "adam"],
                                   ["--base", "adamw", "--betas", "0.9", "1.0"], ["--base", "adamw", "--momentum", "0.9"],
                                   ["--base", "adamw", "--nesterov"], ["--betas", "nan", "0.9"], ["--sharpness-every", "-1"],
-                                  ["--sharpness-images", "0"]])
+                                  ["--sharpness-images", "0"], ["--sam-mode", "fast"], ["--sam-mode", "every", "--sam-every", "0"],
+                                  ["--looksam-alpha", "-0.1"], ["--gsam-alpha", "nan"], ["--epochs", "5", "--sam-start-epoch", "5"],
+                                  ["--sam-mode", "every", "--optim", "sgd"], ["--sam-mode", "msam", "--momentum", "0"],
+                                  ["--sam-mode", "looksam", "--accumulate", "2"], ["--sam-mode", "msam", "--sam-on"],
+                                  ["--adaptive-delta", "1"]])
 def test_bad_values_exit_2_with_a_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cifar10.parse_args(argv)

@@ -120,3 +120,23 @@ def test_sharpness_is_recorded_without_changing_the_trajectory(tmp_path):
     assert summary["final_top_eigenvalue"] == rows[-1]["top_eigenvalue"]
     assert "final_top_eigenvalue" not in json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert plot.main([str(tmp_path / "measured"), str(tmp_path / "plain"), "-o", str(tmp_path / "both.png")]) == 0
+
+
+def test_every_step_and_late_from_the_start_are_full_sam(tmp_path):
+    assert cifar10.main(tiny_args(tmp_path / "full")) == 0
+    full = final_params(tmp_path / "full")
+    for name, extra in (("every1", ["--sam-mode", "every", "--sam-every", "1"]),
+                        ("late0", ["--sam-mode", "late", "--sam-start-epoch", "0"])):
+        assert cifar10.main(tiny_args(tmp_path / name, *extra)) == 0
+        params = final_params(tmp_path / name)
+        assert all(torch.equal(full[k], params[k]) for k in full), name
+
+
+@pytest.mark.parametrize("mode", ["every", "late", "looksam", "msam", "gsam"])
+def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode):
+    assert cifar10.main(tiny_args(tmp_path / "full")) == 0
+    assert cifar10.main(tiny_args(tmp_path / mode, "--sam-mode", mode, "--sam-every", "3")) == 0
+    summary = json.loads((tmp_path / mode / "summary.json").read_text())
+    assert summary["final_train_loss"] < 2.3  # chance is ln(10) = 2.30
+    assert not torch.equal(final_params(tmp_path / "full")["fc.weight"], final_params(tmp_path / mode)["fc.weight"])
+    assert json.loads((tmp_path / mode / "args.json").read_text())["sam_mode"] == mode

@@ -43,9 +43,10 @@ def assert_same_trajectory(run_a: Path, run_b: Path) -> None:
            [{k: v for k, v in r.items() if k not in timing} for r in rows_b]
 
 
-@pytest.mark.parametrize("api, base", [("functional", "sgd"), ("adapter", "sgd"), ("adapter", "adamw")])
-def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, api, base):
-    run = ("--api", api, "--base", base)
+@pytest.mark.parametrize("api, base, mode", [("functional", "sgd", "full"), ("adapter", "sgd", "full"),
+                                            ("adapter", "adamw", "full"), ("functional", "adamw", "looksam")])
+def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, api, base, mode):
+    run = ("--api", api, "--base", base, "--sam-mode", mode, "--sam-every", "3")
     assert cifar10.main(tiny_args(tmp_path / "straight", *run)) == 0
 
     real_evaluate, calls = cifar10.evaluate, []

@@ -115,7 +115,7 @@ def train(args: argparse.Namespace) -> dict:
         model.train()
         grad_reduce = funcsam.distributed.all_reduce_mean() if dp.world_size > 1 else None
         stepper = make_stepper(args, model, lambda s: learning_rate(s, total, warmup, args.lr), mean, std, device,
-                               grad_reduce)
+                               grad_reduce, steps_per_epoch=steps_per_epoch)
         eval_step = make_eval_step(model, args, mean, std)
         sharpness_batch = (normalize(train_images[:args.sharpness_images], mean, std), train_labels[:args.sharpness_images])
         start_epoch, history = resume(stepper, saved, out / ckpt.CHECKPOINT_NAME, report)

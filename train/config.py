@@ -27,10 +27,13 @@ RUN_DEFINING_ARGS = (
     "model", "optim", "base", "betas", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
+    "sam_mode", "sam_every", "sam_start_epoch", "looksam_alpha", "gsam_alpha", "sam_on", "adaptive_delta",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
-                             base="sgd", betas=[0.9, 0.999])
+                             base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
+                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9)
+SAM_MODES = ("full", "every", "late", "looksam", "msam", "gsam", "adaptive")
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -112,6 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the first K training images (unaugmented) on which --sharpness-every measures")
     p.add_argument("--tensorboard", action="store_true",
                    help="also log every epoch's metrics to --out/tensorboard (needs the [tensorboard] extra)")
+    cheaper = p.add_argument_group(
+        "cheaper SAM",
+        "Ways to keep much of SAM's effect for fewer than two passes per step (funcsam.modes, funcsam.policy).",
+    )
+    cheaper.add_argument("--sam-mode", default="full", choices=SAM_MODES,
+                         help="full: SAM on every step; every: SAM every --sam-every steps, the base step between; "
+                              "late: the base step until --sam-start-epoch, SAM after; looksam: LookSAM, the SAM "
+                              "gradient every --sam-every steps and its extra direction reused between; msam: "
+                              "momentum-SAM, one pass perturbed along the momentum; gsam: GSAM, SAM with a "
+                              "surrogate-gap ascent (--gsam-alpha); adaptive: AE-SAM, SAM only when the squared "
+                              "gradient norm is high against its running statistics (not ASAM: that is --adaptive)")
+    cheaper.add_argument("--sam-every", type=int, default=5, metavar="K",
+                         help="--sam-mode every / looksam: SAM on steps 0, K, 2K, ...")
+    cheaper.add_argument("--sam-start-epoch", type=int, default=None, metavar="E",
+                         help="--sam-mode late: the first epoch (0-based) with SAM; default: the last tenth of "
+                              "the run (at least one epoch)")
+    cheaper.add_argument("--looksam-alpha", type=float, default=0.7, help="--sam-mode looksam: the weight of the reused direction")
+    cheaper.add_argument("--gsam-alpha", type=float, default=0.2, help="--sam-mode gsam: the weight of the gap ascent")
+    cheaper.add_argument("--adaptive-delta", type=float, default=0.9,
+                         help="--sam-mode adaptive: the decay of the running mean and variance of the squared gradient norm")
+    cheaper.add_argument("--sam-on", action="store_true",
+                         help="SAM-ON: perturb only the normalisation layers' parameters (with --sam-mode full, every, late)")
     beyond = p.add_argument_group(
         "beyond one batch (--api functional)",
         "Under `torchrun --nproc_per_node N -m train.cifar10 ...` the run is data-parallel on N processes "
@@ -184,6 +209,7 @@ def check_numbers(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if not (math.isfinite(value) and value >= 0):  # NaN fails both
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    check_sam_mode(args)
     if not all(0 <= beta < 1 for beta in args.betas):  # NaN fails too
         raise UsageError(f"--betas must both be in [0, 1), got {args.betas[0]} {args.betas[1]}")
     if not 0 <= args.label_smoothing <= 1:
@@ -196,6 +222,31 @@ def check_numbers(args: argparse.Namespace) -> None:
     if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise UsageError("--tensorboard needs the tensorboard package: pip install -e \".[tensorboard]\" "
                          "(or pip install tensorboard)")
+
+
+def check_sam_mode(args: argparse.Namespace) -> None:
+    """The cheaper-SAM flags; resolves the default --sam-start-epoch (recorded as what ran)."""
+    if args.sam_start_epoch is None:
+        args.sam_start_epoch = args.epochs - max(1, round(args.epochs / 10)) if args.sam_mode == "late" else 0
+    if args.sam_every < 1:
+        raise UsageError(f"--sam-every must be >= 1 (1: SAM on every step), got {args.sam_every}")
+    if not 0 <= args.sam_start_epoch < args.epochs:
+        raise UsageError(f"--sam-start-epoch must be in [0, --epochs={args.epochs}) (0-based: SAM from that epoch on), "
+                         f"got {args.sam_start_epoch}")
+    for name in ("looksam_alpha", "gsam_alpha"):
+        value = getattr(args, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+    if not 0 <= args.adaptive_delta < 1:
+        raise UsageError(f"--adaptive-delta must be in [0, 1), got {args.adaptive_delta}")
+    if args.sam_mode != "full" and args.optim == "sgd":
+        raise UsageError(f"--sam-mode {args.sam_mode} needs --optim sam: --optim sgd is the base optimizer alone")
+    if args.sam_mode == "msam" and args.base == "sgd" and args.momentum == 0:
+        raise UsageError("--sam-mode msam perturbs along the momentum: it needs --momentum > 0 (or --base adamw)")
+    if args.sam_on and args.sam_mode not in ("full", "every", "late"):
+        raise UsageError(f"--sam-on goes with --sam-mode full, every or late, not {args.sam_mode}")
+    if args.sam_mode != "full" and (args.m_sharpness > 1 or args.accumulate > 1):
+        raise UsageError(f"--sam-mode {args.sam_mode} steps on whole batches: keep --m-sharpness and --accumulate at 1")
 
 
 def check_paths(args: argparse.Namespace) -> None:

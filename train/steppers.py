@@ -80,11 +80,33 @@ def make_criterion(args: argparse.Namespace) -> Callable:
     return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
 
 
-def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, grad_reduce=None):
+def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, grad_reduce=None, *,
+                 steps_per_epoch: int):
     """The stepper of ``args.api``; ``lr_at(step_index)`` is the learning rate schedule."""
+    policy = SAMPolicy(args, steps_per_epoch)
     if args.api == "functional":
-        return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce)
+        return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce, policy=policy)
     return AdapterStepper(args, model, lr_at, mean, std, device)
+
+
+class SAMPolicy:
+    """Which steps take the SAM gradient under --sam-mode: a Python decision on the host, so a
+    compiled step keeps one graph per branch (the SAM step and the base step)."""
+
+    def __init__(self, args, steps_per_epoch: int):
+        self.mode, self.total_steps = args.sam_mode, args.epochs * steps_per_epoch
+        schedules = {"every": funcsam.every(args.sam_every), "looksam": funcsam.every(args.sam_every),
+                     "late": funcsam.late(args.sam_start_epoch * steps_per_epoch)}
+        self.schedule = schedules.get(self.mode)
+
+    def takes_sam(self, step_index: int, mode_state) -> bool:
+        if self.mode == "adaptive":  # the rule, evaluated by the previous step on the device: one read
+            return bool(mode_state.take_next)
+        return True if self.schedule is None else self.schedule.takes_sam(step_index)
+
+    def threshold(self, step_index: int) -> float:
+        """AE-SAM's threshold c_t, moving linearly over the run (0 for the other modes, which ignore it)."""
+        return funcsam.linear_threshold(step_index, self.total_steps) if self.mode == "adaptive" else 0.0
 
 
 def make_base(args: argparse.Namespace) -> funcsam.SGD | funcsam.Adam:
@@ -110,13 +132,28 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None) ->
     ``--accumulate K`` pick ``m_sharpness_sam_step`` and ``accumulated_sam_step``: one step each,
     so ``--compile`` still makes one fullgraph region of it."""
     loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
-    m_sharpness, accumulate, sam_sync = args.m_sharpness, args.accumulate, args.sam_sync
+    m_sharpness, accumulate, sam_sync, mode = args.m_sharpness, args.accumulate, args.sam_sync, args.sam_mode
     base = make_base(args)
+    sam_on = dict(perturb_mask=funcsam.norm_layer_mask(model)) if args.sam_on else {}
 
-    def step(state: TrainState, totals: TrainTotals, images, labels, crop_offsets, flips, cutout_centres, lr, rho):
+    def step(state: TrainState, totals: TrainTotals, images, labels, crop_offsets, flips, cutout_centres, lr, rho,
+             threshold, take_sam: bool):
         inputs = augment(images, crop_offsets, flips, cutout_centres, mean, std, args.cutout)
         common = dict(base=base, adaptive=args.adaptive, loss_scale=state.loss_scale, grad_reduce=grad_reduce)
-        if m_sharpness > 1:  # always local: every part perturbs with its own gradient
+        batch, mode_state = (inputs, labels), state.momentum_state
+        if mode == "looksam":
+            out = funcsam.looksam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state,
+                                       take_sam=take_sam, alpha=args.looksam_alpha, **common)
+        elif mode == "msam":
+            out = funcsam.msam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state, **common)
+        elif mode == "gsam":
+            out = funcsam.gsam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state,
+                                    alpha=args.gsam_alpha, **common)
+        elif mode == "adaptive":
+            out = funcsam.adaptive_sam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state,
+                                            take_sam=take_sam, threshold=threshold, delta=args.adaptive_delta,
+                                            **common)
+        elif m_sharpness > 1:  # always local: every part perturbs with its own gradient
             out = funcsam.m_sharpness_sam_step(
                 state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
                 m=m_sharpness, **common,
@@ -126,10 +163,10 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None) ->
                 state.params, state.buffers, funcsam.split_batch((inputs, labels), accumulate), loss_fn, rho, lr,
                 state.momentum_state, sam_sync=sam_sync, **common,
             )
-        else:
+        else:  # full, every, late: SAM with rho, or the base step (rho the number 0: one pass)
             out = funcsam.sam_step(
-                state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
-                sam_sync=sam_sync, **common,
+                state.params, state.buffers, batch, loss_fn, rho if take_sam else 0, lr, mode_state,
+                sam_sync=sam_sync, **sam_on, **common,
             )
         totals = add_step_to_totals(totals, out.loss, out.aux, labels, out.finite, state.loss_scale is not None)
         return TrainState(out.params, out.buffers, out.momentum_state, out.loss_scale), totals
@@ -140,24 +177,35 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None) ->
 class FunctionalStepper:
     """``funcsam.sam_step`` as one pure (optionally compiled) function of a ``TrainState``."""
 
-    def __init__(self, args, model, lr_at, mean, std, device, grad_reduce=None):
+    def __init__(self, args, model, lr_at, mean, std, device, grad_reduce=None, *, policy: SAMPolicy):
         params, buffers = detached(model.named_parameters()), detached(model.named_buffers())
+        self.policy = policy
         self.state = TrainState(params, buffers, *self._init_optimizer(args, params, device))
         step = make_functional_step(model, args, make_criterion(args), mean, std, grad_reduce)
         self._step = torch.compile(step, fullgraph=True) if args.compile else step
         self.lr_at = lr_at
         self.lr = torch.tensor(lr_at(0), device=device)  # filled in place each step: no recompile
         self.rho = 0 if args.optim == "sgd" else torch.tensor(args.rho, device=device)
+        self.threshold = torch.tensor(policy.threshold(0), device=device)  # AE-SAM's, filled in place too
         self.device = device
 
     @staticmethod
     def _init_optimizer(args, params, device):
+        """(the step's state: the base optimizer's, wrapped by LookSAM and AE-SAM; the loss scale)."""
         loss_scale = funcsam.init_loss_scale(device=device) if args.amp == "fp16" else None
-        return make_base(args).init(params), loss_scale
+        base = make_base(args)
+        if args.sam_mode == "looksam":
+            return funcsam.init_looksam(base, params), loss_scale
+        if args.sam_mode == "adaptive":
+            return funcsam.init_adaptive(base, params), loss_scale
+        return base.init(params), loss_scale
 
     def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
         self.lr.fill_(self.lr_at(step_index))
-        self.state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho)
+        self.threshold.fill_(self.policy.threshold(step_index))
+        take_sam = self.policy.takes_sam(step_index, self.state.momentum_state)
+        self.state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho,
+                                        self.threshold, take_sam)
         return totals
 
     def params_buffers(self):
