@@ -67,3 +67,8 @@ from .modes import (
 
 __all__ += ["Every", "Late", "LookSAMState", "every", "gsam_step", "init_looksam", "late", "looksam_step", "msam_step",
             "scheduled_sam_step"]
+from .policy import AdaptiveState, adaptive_sam_step, init_adaptive, linear_threshold
+from .sam_on import norm_layer_mask, sam_on_param_groups
+
+__all__ += ["AdaptiveState", "adaptive_sam_step", "init_adaptive", "linear_threshold", "norm_layer_mask",
+            "sam_on_param_groups"]

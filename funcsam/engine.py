@@ -62,6 +62,9 @@ class SAMOptions(NamedTuple):
     loss_scale: LossScaleState | None = None
     grad_reduce: GradReduce | None = None
     sam_sync: str = "global"
+    # SAM-ON (funcsam.sam_on): one Python bool per parameter leaf, in optree order; False leaves are
+    # not perturbed and stay out of the norm. None perturbs every leaf.
+    perturb_mask: tuple[bool, ...] | None = None
 
 
 class StepSetup(NamedTuple):
@@ -231,10 +234,27 @@ def spread_non_finite(sam_grads: list, local_grad_norm: Tensor) -> list:
 
 
 def perturb(setup: StepSetup, grads: list) -> tuple[list, Tensor]:
-    """``(e, ||g||)`` for the (reduced, unscaled) gradient ``grads`` at the step's parameters."""
+    """``(e, ||g||)`` for the (reduced, unscaled) gradient ``grads`` at the step's parameters.
+
+    With ``options.perturb_mask`` (SAM-ON) only the leaves marked True are perturbed and normed:
+    e_N = rho * g_N / (||g_N|| + eps) (ASAM: T^2 g_N / ||T g_N||), e = 0 on the other leaves, and the
+    returned norm is ||g_N||. The mask is a tuple of Python bools, so each mask is its own graph.
+    """
     options = setup.options
-    return perturbation_and_norm(grads, setup.leaves, setup.rho, adaptive=options.adaptive, eta=options.eta,
-                                 eps=options.eps)
+    mask = options.perturb_mask
+    if mask is not None and (len(mask) != len(grads) or not any(mask)):
+        raise ValueError(f"perturb_mask must hold one bool per parameter leaf ({len(grads)}), at least one True; "
+                         f"got {len(mask)} entries, {sum(map(bool, mask))} True")
+    if mask is None or all(mask):
+        return perturbation_and_norm(grads, setup.leaves, setup.rho, adaptive=options.adaptive, eta=options.eta,
+                                     eps=options.eps)
+    kept = [index for index, perturbed in enumerate(mask) if perturbed]
+    kept_e, norm = perturbation_and_norm([grads[i] for i in kept], [setup.leaves[i] for i in kept], setup.rho,
+                                         adaptive=options.adaptive, eta=options.eta, eps=options.eps)
+    perturbation = [torch.zeros_like(grad) for grad in grads]
+    for index, e in zip(kept, kept_e):
+        perturbation[index] = e
+    return perturbation, norm
 
 
 def one_pass_gradient(setup: StepSetup, grads: list) -> SAMGradient:

@@ -31,6 +31,7 @@ from .engine import (
     sam_gradient,
 )
 from .loss_scale import LossScaleState
+from .sam_on import perturb_mask_leaves
 from .tree import PyTree, Tensor
 
 __all__ = ["GradReduce", "MomentumState", "SAMStepOutput", "init_momentum", "sam_step"]
@@ -62,6 +63,7 @@ def sam_step(
     loss_scale: LossScaleState | None = None,
     grad_reduce: GradReduce | None = None,
     sam_sync: str = "global",
+    perturb_mask: PyTree | None = None,
 ) -> SAMStepOutput:
     """One SAM step. Pure: returns new params, buffers and state; mutates nothing it was given.
 
@@ -93,6 +95,10 @@ def sam_step(
             on the whole batch) or ``"local"`` (each replica perturbs with its own gradient:
             m-sharpness with m = the per-replica batch; a non-finite first gradient on any replica
             skips the step on all of them). Only matters with ``grad_reduce``.
+        perturb_mask: SAM-ON (:mod:`funcsam.sam_on`): a pytree of Python bools shaped like ``params``
+            (``funcsam.sam_on.norm_layer_mask(model)``). Only the True leaves are perturbed, by
+            e_N = rho * g_N / (||g_N|| + eps), and ``grad_norm`` is ||g_N||; every leaf descends with
+            g_sam. None (default) perturbs every leaf.
 
     Returns:
         :class:`SAMStepOutput`. When the loss or a gradient (either pass) is non-finite, params,
@@ -102,7 +108,8 @@ def sam_step(
     setup = prepare_step(
         params, loss_fn, rho, lr, momentum_state,
         resolve_base(base, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
-        SAMOptions(adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce, sam_sync),
+        SAMOptions(adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce, sam_sync,
+                   perturb_mask_leaves(perturb_mask, params)),
     )
     check_batch(batch)
     gradient = gradient_fn(loss_fn, setup)
