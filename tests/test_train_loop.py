@@ -132,11 +132,13 @@ def test_every_step_and_late_from_the_start_are_full_sam(tmp_path):
         assert all(torch.equal(full[k], params[k]) for k in full), name
 
 
-@pytest.mark.parametrize("mode", ["every", "late", "looksam", "msam", "gsam"])
+@pytest.mark.parametrize("mode", ["every", "late", "looksam", "msam", "gsam", "adaptive", "sam-on"])
 def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode):
     assert cifar10.main(tiny_args(tmp_path / "full")) == 0
-    assert cifar10.main(tiny_args(tmp_path / mode, "--sam-mode", mode, "--sam-every", "3")) == 0
+    flags = ["--sam-on"] if mode == "sam-on" else ["--sam-mode", mode, "--sam-every", "3"]
+    assert cifar10.main(tiny_args(tmp_path / mode, *flags)) == 0
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
     assert summary["final_train_loss"] < 2.3  # chance is ln(10) = 2.30
     assert not torch.equal(final_params(tmp_path / "full")["fc.weight"], final_params(tmp_path / mode)["fc.weight"])
-    assert json.loads((tmp_path / mode / "args.json").read_text())["sam_mode"] == mode
+    recorded = json.loads((tmp_path / mode / "args.json").read_text())
+    assert recorded["sam_on"] if mode == "sam-on" else recorded["sam_mode"] == mode
