@@ -42,8 +42,8 @@ from .step import sam_step
 from .tree import PyTree, Tensor, dot, flatten, same_structure, select, unflatten
 
 __all__ = [
-    "Every", "Late", "LookSAMState", "every", "gsam_step", "init_looksam", "late", "looksam_step", "msam_step",
-    "scheduled_sam_step",
+    "Every", "Late", "LookSAMState", "every", "gsam_direction", "gsam_step", "init_looksam", "late", "looksam_estimate",
+    "looksam_step", "msam_step", "orthogonal_part", "scheduled_sam_step",
 ]
 
 
@@ -222,7 +222,7 @@ def looksam_step(
         new_g_v = orthogonal_part(sam.grads, sam.first_grads, eps)
     else:
         sam = one_pass_gradient(setup, grads)
-        sam = SAMGradient(_looksam_estimate(sam.grads, sam.grad_norm, g_v, alpha, eps), sam.grad_norm,
+        sam = SAMGradient(looksam_estimate(sam.grads, sam.grad_norm, g_v, alpha, eps), sam.grad_norm,
                           sam.finite, sam.first_grads)
         new_g_v = g_v
     out = finish_step(setup, sam, buffers, new_buffers, loss, aux)
@@ -230,9 +230,10 @@ def looksam_step(
     return SAMStepOutput(out.params, out.buffers, state, out.loss, out.aux, out.finite, out.grad_norm, out.loss_scale)
 
 
-def _looksam_estimate(grads: list, grad_norm: Tensor, g_v: list, alpha: float, eps: float) -> list:
-    """g + alpha * ||g|| * g_v / (||g_v|| + eps). ``g_v`` is scaled to unit norm first, so a zero
-    ``g_v`` gives exactly ``g`` and no coefficient can overflow."""
+def looksam_estimate(grads: list, grad_norm: Tensor, g_v: list, alpha: float, eps: float) -> list:
+    """LookSAM's one-pass estimate of g_sam, g + alpha * ||g|| * g_v / (||g_v|| + eps) (``grad_norm`` is
+    ||g||). ``g_v`` is scaled to unit norm first, so a zero ``g_v`` gives exactly ``g`` and no
+    coefficient can overflow."""
     unit = torch._foreach_mul(g_v, 1.0 / (dot(g_v, g_v).sqrt() + eps))
     return torch._foreach_add(grads, torch._foreach_mul(unit, alpha * grad_norm))
 
@@ -346,15 +347,19 @@ def gsam_step(
     grads, (loss, new_buffers, aux) = gradient(setup.leaves, buffers, batch)
     sam = sam_gradient(setup, grads, lambda perturbed: gradient(perturbed, buffers, batch)[0])
     if alpha != 0:  # a Python constant: alpha = 0 leaves sam_step's gradient untouched, bit for bit
-        g_orth = orthogonal_part(sam.first_grads, sam.grads, eps)
-        direction = torch._foreach_sub(sam.grads, torch._foreach_mul(g_orth, alpha))
-        sam = SAMGradient(direction, sam.grad_norm, sam.finite, sam.first_grads)
+        sam = SAMGradient(gsam_direction(sam.first_grads, sam.grads, alpha, eps), sam.grad_norm, sam.finite,
+                          sam.first_grads)
     return finish_step(setup, sam, buffers, new_buffers, loss, aux)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------------
+
+
+def gsam_direction(first_grads: list[Tensor], sam_grads: list[Tensor], alpha: float, eps: float) -> list[Tensor]:
+    """GSAM's update direction d = g_sam - alpha * g_orth, g_orth = g - (g . g_sam / (||g_sam||^2 + eps)) g_sam."""
+    return torch._foreach_sub(sam_grads, torch._foreach_mul(orthogonal_part(first_grads, sam_grads, eps), alpha))
 
 
 def orthogonal_part(x: list[Tensor], y: list[Tensor], eps: float) -> list[Tensor]:

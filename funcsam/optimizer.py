@@ -18,12 +18,18 @@
         return loss
 
     loss = optimizer.step(closure)        # the loss at w, from the first call of the closure
+
+Both take ``mode=`` for a cheaper SAM with the math of :mod:`funcsam.modes` (see
+:mod:`funcsam.adapter_modes`)::
+
+    funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, mode=funcsam.every(5))
+    funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, mode=GSAM(alpha=0.2))
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 
@@ -51,7 +57,12 @@ class SAM(SAMOptimizer):
         model: if given, its buffers (BatchNorm running statistics) are put back to their first-pass
             values after the second pass; in the closure style a skipped step also restores them to
             their values before the step. (In the first/second-step style the first forward ran before
-            the optimizer saw it, so a skipped step keeps that forward's buffer updates.)
+            the optimizer saw it, so a skipped step keeps that forward's buffer updates.) MSAM's one
+            pass is at w + e: its buffer updates are kept.
+        mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
+            ``LookSAM(k, alpha)``, ``MSAM()`` or ``GSAM(alpha)`` from :mod:`funcsam.adapter_modes`.
+            MSAM perturbs along ``state["momentum_buffer"]`` (torch.optim.SGD with momentum > 0) or
+            ``state["exp_avg"]`` (Adam, AdamW); a base optimizer with neither is refused.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
 
     ``param_groups`` and ``state`` are the base optimizer's (``.base_optimizer``), so a
@@ -71,31 +82,36 @@ class SAM(SAMOptimizer):
 
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, *, adaptive: bool = False,
                  eta: float = 0.0, eps: float = 1e-12, max_grad_norm: float | None = None,
-                 model: torch.nn.Module | None = None, **base_kwargs):
+                 model: torch.nn.Module | None = None, mode: Any = None, **base_kwargs):
         _check_base_optimizer_class(base_optimizer)
         for name in ("lr", "weight_decay"):
             if name in base_kwargs and not isinstance(base_kwargs[name], torch.Tensor):
                 check_scalar(name, base_kwargs[name])
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
-        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
+        for index, group in enumerate(self.param_groups):  # now with the base optimizer's defaults (momentum=0)
+            self._check_group_fits_mode(group, f"param group {index}")
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the group goes to the base optimizer too."""
         if "base_optimizer" not in self.__dict__:  # during __init__
             return super().add_param_group(param_group)
         self._check_group({**self.defaults, **param_group})
+        self._check_group_fits_mode({**self.defaults, **param_group}, "the param group")
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
         self.base_optimizer.add_param_group(param_group)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another kind of optimizer
-        (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``."""
+        (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``; also
+        restores ``steps_taken`` and LookSAM's g_v (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
+        steps_taken, g_v = self._saved_mode_state(state_dict)
         needed = {key for key, value in self.base_optimizer.defaults.items()
                   if key not in _IMPLEMENTATION_KEYS and not isinstance(value, bool)}
         for index, group in enumerate(groups):
@@ -106,15 +122,29 @@ class SAM(SAMOptimizer):
                     f"{type(self.base_optimizer).__name__}; load a state saved by this kind of optimizer"
                 )
             self._check_group({"rho": self.defaults["rho"], "adaptive": self.defaults["adaptive"], **group})
-        self.base_optimizer.load_state_dict(state_dict)
+        self.base_optimizer.load_state_dict({key: value for key, value in state_dict.items() if key != "funcsam"})
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])
+        self.steps_taken, self._looksam_g_v = steps_taken, g_v
 
     def _needs_first_gradient(self) -> bool:
         return not self._has_new_gradient()
+
+    def _momentum(self, p: Tensor) -> Tensor | None:
+        state = self.state.get(p)
+        if not state:
+            return None
+        for key in ("momentum_buffer", "exp_avg"):
+            if state.get(key) is not None:
+                return state[key]
+        raise RuntimeError(
+            f"mode=MSAM() perturbs along the base optimizer's momentum (state['momentum_buffer'] of torch.optim.SGD, "
+            f"state['exp_avg'] of Adam and AdamW), and {type(self.base_optimizer).__name__} keeps neither (its state "
+            f"holds {', '.join(sorted(map(str, state)))}): use a base optimizer with momentum, or another mode"
+        )
 
     def _descend(self, groups: list, grads: list, finite: Tensor, unperturbed: list) -> None:
         params = [p for _, group_params in groups for p in group_params]
@@ -157,7 +187,11 @@ class SAMSGD(SAMOptimizer):
         model: if given, its buffers (BatchNorm running statistics) are restored after the second
             pass, so they hold the statistics of the unperturbed pass only, as with ``sam_step``, and
             a skipped step restores them to their values before the step. Without it, the perturbed
-            pass updates them too (as in ``sam.pytorch``).
+            pass updates them too (as in ``sam.pytorch``). MSAM's one pass is at w + e: its buffer
+            updates are kept.
+        mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
+            ``LookSAM(k, alpha)``, ``MSAM()`` (needs ``momentum > 0``; perturbs along the momentum
+            buffer) or ``GSAM(alpha)`` from :mod:`funcsam.adapter_modes`.
 
     After ``step``, ``p.grad`` holds the (unscaled) SAM gradient and ``last_step_finite`` is a
     0-dim bool tensor: False when a gradient was non-finite and the step was skipped. The update is
@@ -180,11 +214,12 @@ class SAMSGD(SAMOptimizer):
         eps: float = 1e-12,
         max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
+        mode: Any = None,
     ):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, rho=rho, adaptive=adaptive)
         self._check_group(defaults)
-        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -195,8 +230,10 @@ class SAMSGD(SAMOptimizer):
         """As ``torch.optim.Optimizer.load_state_dict``; a ``torch.optim.SGD`` checkpoint loads too,
         its groups taking this optimizer's ``rho`` (and any other missing key) from the constructor.
         A state of another optimizer (Adam's moments), with bad hyperparameters, or with a momentum
-        buffer of the wrong shape is refused and nothing is changed."""
+        buffer of the wrong shape is refused and nothing is changed. ``steps_taken`` and LookSAM's
+        g_v are restored too (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
+        steps_taken, g_v = self._saved_mode_state(state_dict)
         for index, group in enumerate(groups):
             self._check_group({**self.defaults, **group})
         params = {i: p for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
@@ -213,6 +250,10 @@ class SAMSGD(SAMOptimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
+        self.steps_taken, self._looksam_g_v = steps_taken, g_v
+
+    def _momentum(self, p: Tensor) -> Tensor | None:
+        return self.state.get(p, {}).get("momentum_buffer")
 
     def _descend(self, groups: list, grads: list, finite: Tensor, unperturbed: list) -> None:
         start = 0
