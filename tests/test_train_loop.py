@@ -22,11 +22,14 @@ def final_params(out: Path) -> dict:
     return load_checkpoint(out / CHECKPOINT_NAME)["params"]
 
 
-@pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, base):
-    """sam_step and SAMSGD / SAM(AdamW) (with model=, so BN keeps first-pass statistics) compute the same SAM."""
+@pytest.mark.parametrize("base, mode", [("sgd", "full"), ("adamw", "full"), ("sgd", "every"), ("sgd", "late"),
+                                        ("sgd", "looksam"), ("adamw", "msam"), ("sgd", "gsam"), ("sgd", "sam-on")])
+def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, base, mode):
+    """sam_step and SAMSGD / SAM(AdamW) (with model=, so BN keeps first-pass statistics) compute the same SAM,
+    in every mode the adapter has."""
+    flags = ["--sam-on"] if mode == "sam-on" else ["--sam-mode", mode, "--sam-every", "3", "--sam-start-epoch", "1"]
     for api in ("functional", "adapter"):
-        assert cifar10.main(tiny_args(tmp_path / api, "--api", api, "--base", base)) == 0
+        assert cifar10.main(tiny_args(tmp_path / api, "--api", api, "--base", base, *flags)) == 0
     functional, adapter = final_params(tmp_path / "functional"), final_params(tmp_path / "adapter")
     for name in functional:
         # Same math, different summation order: 20 SAM steps agree to float32 round-off.

@@ -86,7 +86,7 @@ def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, 
     policy = SAMPolicy(args, steps_per_epoch)
     if args.api == "functional":
         return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce, policy=policy)
-    return AdapterStepper(args, model, lr_at, mean, std, device)
+    return AdapterStepper(args, model, lr_at, mean, std, device, policy=policy)
 
 
 class SAMPolicy:
@@ -253,9 +253,9 @@ def list_to_tree(template, leaves, what: str, path):
 class AdapterStepper:
     """The same recipe through ``funcsam.SAMSGD``; mutates the model and the optimizer."""
 
-    def __init__(self, args, model, lr_at, mean, std, device):
+    def __init__(self, args, model, lr_at, mean, std, device, *, policy: SAMPolicy):
         self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
-        self.optimizer = self._init_optimizer(args, model)
+        self.optimizer = self._init_optimizer(args, model, policy)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / args.lr)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         self.criterion = make_criterion(args)
@@ -263,12 +263,17 @@ class AdapterStepper:
         self.forward = torch.compile(model) if args.compile else model
 
     @staticmethod
-    def _init_optimizer(args, model) -> funcsam.SAMOptimizer:
+    def _init_optimizer(args, model, policy: SAMPolicy) -> funcsam.SAMOptimizer:
+        mode = {"full": None, "every": policy.schedule, "late": policy.schedule, "msam": funcsam.MSAM(),
+                "looksam": funcsam.LookSAM(args.sam_every, args.looksam_alpha), "gsam": funcsam.GSAM(args.gsam_alpha),
+                }[args.sam_mode]
+        params = funcsam.sam_on_param_groups(model) if args.sam_on else model.parameters()
+        common = dict(rho=args.rho, adaptive=args.adaptive, model=model, mode=mode)
         if args.base == "adamw":
-            return funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=args.rho, adaptive=args.adaptive, model=model,
-                               lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
-        return funcsam.SAMSGD(model.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                              nesterov=args.nesterov, rho=args.rho, adaptive=args.adaptive, model=model)
+            return funcsam.SAM(params, torch.optim.AdamW, lr=args.lr, betas=tuple(args.betas),
+                               weight_decay=args.weight_decay, **common)
+        return funcsam.SAMSGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                              nesterov=args.nesterov, **common)
 
     @property
     def _optimizer_key(self) -> str:
