@@ -125,9 +125,16 @@ def test_sharpness_is_recorded_without_changing_the_trajectory(tmp_path):
     assert plot.main([str(tmp_path / "measured"), str(tmp_path / "plain"), "-o", str(tmp_path / "both.png")]) == 0
 
 
-def test_every_step_and_late_from_the_start_are_full_sam(tmp_path):
-    assert cifar10.main(tiny_args(tmp_path / "full")) == 0
-    full = final_params(tmp_path / "full")
+@pytest.fixture(scope="module")
+def full_sam_params(tmp_path_factory) -> dict:
+    """The final parameters of the default (full SAM) tiny run, shared by the mode tests."""
+    out = tmp_path_factory.mktemp("full")
+    assert cifar10.main(tiny_args(out)) == 0
+    return final_params(out)
+
+
+def test_every_step_and_late_from_the_start_are_full_sam(tmp_path, full_sam_params):
+    full = full_sam_params
     for name, extra in (("every1", ["--sam-mode", "every", "--sam-every", "1"]),
                         ("late0", ["--sam-mode", "late", "--sam-start-epoch", "0"])):
         assert cifar10.main(tiny_args(tmp_path / name, *extra)) == 0
@@ -136,12 +143,11 @@ def test_every_step_and_late_from_the_start_are_full_sam(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["every", "late", "looksam", "msam", "gsam", "adaptive", "sam-on"])
-def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode):
-    assert cifar10.main(tiny_args(tmp_path / "full")) == 0
+def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode, full_sam_params):
     flags = ["--sam-on"] if mode == "sam-on" else ["--sam-mode", mode, "--sam-every", "3"]
     assert cifar10.main(tiny_args(tmp_path / mode, *flags)) == 0
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
     assert summary["final_train_loss"] < 2.3  # chance is ln(10) = 2.30
-    assert not torch.equal(final_params(tmp_path / "full")["fc.weight"], final_params(tmp_path / mode)["fc.weight"])
+    assert not torch.equal(full_sam_params["fc.weight"], final_params(tmp_path / mode)["fc.weight"])
     recorded = json.loads((tmp_path / mode / "args.json").read_text())
     assert recorded["sam_on"] if mode == "sam-on" else recorded["sam_mode"] == mode
