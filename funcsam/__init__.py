@@ -72,6 +72,6 @@ from .sam_on import norm_layer_mask, sam_on_param_groups
 
 __all__ += ["AdaptiveState", "adaptive_sam_step", "init_adaptive", "linear_threshold", "norm_layer_mask",
             "sam_on_param_groups"]
-from .adapter_modes import GSAM, MSAM, LookSAM
+from .adapter_modes import AESAM, GSAM, MSAM, LookSAM
 
-__all__ += ["GSAM", "LookSAM", "MSAM"]
+__all__ += ["AESAM", "GSAM", "LookSAM", "MSAM"]

@@ -10,8 +10,9 @@
 
 A subclass says how to descend (``_descend``): :class:`funcsam.SAM` calls any ``torch.optim``
 optimizer, :class:`funcsam.SAMSGD` applies ``funcsam.sgd``'s pure update. ``mode=`` picks a cheaper
-SAM (schedules, LookSAM, MSAM, GSAM; :mod:`funcsam.adapter_modes`): ``step(closure)`` then takes
-one pass or two per step, and changes the gradient the base step applies, as :mod:`funcsam.modes` does.
+SAM (schedules, LookSAM, MSAM, GSAM, AESAM; :mod:`funcsam.adapter_modes`): ``step(closure)`` then takes
+one pass or two per step, and changes the gradient the base step applies, as :mod:`funcsam.modes` and
+:mod:`funcsam.policy` do.
 """
 
 from __future__ import annotations
@@ -23,12 +24,13 @@ import torch
 from torch.amp.grad_scaler import OptState
 
 from .adapter_modes import (
-    MSAM, LookSAM, cheap_step_gradient, check_mode, check_two_halves, keeps_first_gradient, sam_step_gradient,
+    AESAM, MSAM, LookSAM, cheap_step_gradient, check_mode, check_two_halves, keeps_first_gradient, sam_step_gradient,
     takes_full_sam,
 )
 from .clipping import clip_by_global_norm
 from .hyperparameters import check_sam_options, check_scalar, is_static_zero
 from .perturbation import ascent_direction, sam_perturbation
+from .policy import adaptive_statistics
 from .tree import Tensor, clone_all, global_norm, select
 
 
@@ -43,6 +45,26 @@ class _Perturbed(NamedTuple):
     pre_step_buffers: list | None  # the model's buffers before it (known in the closure style only)
 
 
+class _AdaptiveStatistics(NamedTuple):
+    """AESAM's state in the optimizer: 0-dim tensors on the parameters' device (``funcsam.AdaptiveState``'s)."""
+
+    mean: Tensor  # fp32, the running mean of ||g||^2
+    var: Tensor  # fp32, its running variance
+    count: Tensor  # int64, how many ||g||^2 the statistics hold (skipped steps add none)
+    take_next: Tensor  # bool, whether the next step takes SAM (True before the first step)
+
+
+_ADAPTIVE_DTYPES = _AdaptiveStatistics(torch.float32, torch.float32, torch.int64, torch.bool)
+
+
+class _ModeState(NamedTuple):
+    """What ``state_dict()["funcsam"]`` restores: the step count and the modes' own state."""
+
+    steps_taken: int
+    looksam_g_v: dict  # LookSAM's g_v by parameter
+    adaptive: _AdaptiveStatistics | None  # AESAM's statistics (None: fresh ones)
+
+
 class SAMOptimizer(torch.optim.Optimizer):
     """The SAM machinery of :class:`funcsam.SAM` and :class:`funcsam.SAMSGD`; subclasses define ``_descend``.
 
@@ -52,10 +74,10 @@ class SAMOptimizer(torch.optim.Optimizer):
     steps) and ``last_step_finite`` is a 0-dim bool tensor: False when the loss's gradient was
     non-finite in either pass and the step was skipped (params and optimizer state unchanged).
 
-    ``mode`` (None, ``funcsam.every(k)``, ``funcsam.late(s)``, ``LookSAM``, ``MSAM``, ``GSAM``) and
-    ``steps_taken``, the number of steps taken (skipped ones included; the index a schedule reads),
-    are described in :mod:`funcsam.adapter_modes`; ``state_dict()`` saves ``steps_taken`` and
-    LookSAM's g_v under the key ``"funcsam"``, so a resumed run picks the same steps.
+    ``mode`` (None, ``funcsam.every(k)``, ``funcsam.late(s)``, ``LookSAM``, ``MSAM``, ``GSAM``, ``AESAM``)
+    and ``steps_taken``, the number of steps taken (skipped ones included; the index a schedule reads),
+    are described in :mod:`funcsam.adapter_modes`; ``state_dict()`` saves ``steps_taken``, LookSAM's
+    g_v and AESAM's statistics under the key ``"funcsam"``, so a resumed run picks the same steps.
     """
 
     def __init__(self, params: Iterable, defaults: dict, *, eta: float, eps: float, max_grad_norm: float | None,
@@ -70,8 +92,10 @@ class SAMOptimizer(torch.optim.Optimizer):
         self._perturbed: _Perturbed | None = None
         self._first_grads: dict | None = None  # g by parameter, kept across the pass at w + e (GSAM, LookSAM)
         self._looksam_g_v: dict = {}  # LookSAM's g_v by parameter (zeros where absent)
+        self._first_gradient_norm: Tensor | None = None  # AESAM: this step's ||g|| at w, until _apply reads it
         self._gradients_seen: dict = {}
         super().__init__(params, defaults)
+        self._adaptive = self._fresh_adaptive_statistics() if isinstance(self.mode, AESAM) else None
 
     # --- the two halves -------------------------------------------------------------------------
 
@@ -134,7 +158,8 @@ class SAMOptimizer(torch.optim.Optimizer):
 
         The ``mode`` decides the passes: a one-pass step (a schedule's base step, LookSAM's cheap
         step) calls the closure only if the gradient at w is not there yet; MSAM always calls it
-        once, at w + e, and returns that loss.
+        once, at w + e, and returns that loss. AESAM reads its ``take_next`` on the host first (one
+        sync per step on a GPU, see :class:`funcsam.AESAM`).
         """
         if closure is None:
             raise TypeError(
@@ -144,7 +169,7 @@ class SAMOptimizer(torch.optim.Optimizer):
             )
         if isinstance(self.mode, MSAM):
             return self._momentum_step(closure, grad_scaler)
-        if not takes_full_sam(self.mode, self.steps_taken):
+        if not self._takes_sam():
             return self._one_pass_step(closure, grad_scaler)
         loss, pre_step_buffers = None, None
         if self._needs_first_gradient():
@@ -168,6 +193,30 @@ class SAMOptimizer(torch.optim.Optimizer):
 
     # --- the cheaper modes' steps ---------------------------------------------------------------
 
+    def _takes_sam(self) -> bool:
+        """Whether this step takes SAM's two passes: the schedule's choice, or AESAM's take_next."""
+        if isinstance(self.mode, AESAM):
+            # A host read of a 0-dim bool: free on the CPU, a sync with the last step on a GPU.
+            return bool(self._adaptive.take_next)
+        return takes_full_sam(self.mode, self.steps_taken)
+
+    def _fresh_adaptive_statistics(self) -> _AdaptiveStatistics:
+        """AESAM's statistics before the first step: empty, and take_next True (the first step takes SAM)."""
+        device = self._all_params()[0].device
+        return _AdaptiveStatistics(*(torch.tensor(True if dtype == torch.bool else 0, dtype=dtype, device=device)
+                                     for dtype in _ADAPTIVE_DTYPES))
+
+    def _observe(self, finite: Tensor) -> None:
+        """AESAM: fold this step's ||g||^2 into the statistics and decide the next step (all on the
+        device), with the threshold of this step's index; a skipped step keeps them."""
+        norm, self._first_gradient_norm = self._first_gradient_norm, None
+        if norm is None:
+            raise RuntimeError("internal: an AESAM step reached the base step without its gradient norm")
+        statistics = self._adaptive
+        self._adaptive = _AdaptiveStatistics(*adaptive_statistics(
+            statistics.mean, statistics.var, statistics.count, statistics.take_next, norm.square(),
+            threshold=self.mode.threshold(self.steps_taken), delta=self.mode.delta, finite=finite))
+
     def _one_pass_step(self, closure, grad_scaler):
         """A schedule's base step or LookSAM's cheap step: the base step with the gradient at w."""
         loss, pre_step_buffers = None, None
@@ -182,7 +231,10 @@ class SAMOptimizer(torch.optim.Optimizer):
         (a SAM step with rho = 0 everywhere, where g_sam is g) or as a cheap step's g."""
         params = [p for _, group_params in groups for p in group_params]
         grads = _unscaled_grads(params, _inverse_scale(grad_scaler))
-        finite = torch.isfinite(global_norm(grads))
+        grad_norm = global_norm(grads)
+        finite = torch.isfinite(grad_norm)
+        if isinstance(self.mode, AESAM):
+            self._first_gradient_norm = grad_norm
         if sam_step:
             self._apply_sam_gradient(groups, grads, grads, finite, clone_all(params), pre_step_buffers, grad_scaler)
             return
@@ -213,6 +265,8 @@ class SAMOptimizer(torch.optim.Optimizer):
                                    else torch._foreach_mul(grads, inverse_scale)))
         self._first_step(grad_scaler, pre_step_buffers)
         self._first_grads = first_grads
+        if isinstance(self.mode, AESAM):  # p.grad holds the unscaled g at w until the pass at w + e
+            self._first_gradient_norm = global_norm([p.grad for p in self._perturbed.params])
 
     def _momentum_step(self, closure, grad_scaler):
         """MSAM: one pass at w + e, e = -rho * m / (||m|| + eps) (ASAM: -rho * T^2 m / (||T m|| + eps)),
@@ -311,19 +365,31 @@ class SAMOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """As ``torch.optim.Optimizer.state_dict``, plus ``"funcsam"``: ``{"steps_taken": int,
-        "looksam_g_v": {parameter index: tensor}}`` (the indices of ``"state"``)."""
+        "looksam_g_v": {parameter index: tensor}}`` (the indices of ``"state"``), and with
+        ``mode=AESAM(...)`` ``"adaptive": {"mean", "var", "count", "take_next"}`` (0-dim tensors)."""
         state_dict = super().state_dict()
         index = {p: i for i, p in enumerate(self._all_params())}
         state_dict["funcsam"] = {"steps_taken": self.steps_taken,
                                  "looksam_g_v": {index[p]: g_v for p, g_v in self._looksam_g_v.items() if p in index}}
+        if self._adaptive is not None:
+            state_dict["funcsam"]["adaptive"] = self._adaptive._asdict()
         return state_dict
 
-    def _saved_mode_state(self, state_dict: dict) -> tuple[int, dict]:
-        """``(steps_taken, g_v by parameter)`` from a state dict, checked before anything is loaded; a
-        state dict without them (from torch.optim) starts over at step 0 with no g_v."""
+    def _restore_mode_state(self, mode_state: _ModeState) -> None:
+        """Install what :meth:`_saved_mode_state` checked (after the base state loaded)."""
+        self.steps_taken, self._looksam_g_v = mode_state.steps_taken, mode_state.looksam_g_v
+        if isinstance(self.mode, AESAM):
+            fresh = mode_state.adaptive is None
+            self._adaptive = self._fresh_adaptive_statistics() if fresh else mode_state.adaptive
+        self._first_gradient_norm = None
+
+    def _saved_mode_state(self, state_dict: dict) -> _ModeState:
+        """``(steps_taken, g_v by parameter, AESAM's statistics)`` from a state dict, checked before
+        anything is loaded; a state dict without them (from torch.optim, or another mode) starts
+        over at step 0 with no g_v and fresh statistics."""
         saved = state_dict.get("funcsam") if isinstance(state_dict, dict) else None
         if saved is None:
-            return 0, {}
+            return _ModeState(0, {}, None)
         steps = saved.get("steps_taken") if isinstance(saved, dict) else None
         if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
             raise ValueError(f"state_dict['funcsam'] must hold steps_taken, an int >= 0 (from optimizer.state_dict()), "
@@ -335,7 +401,12 @@ class SAMOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"state_dict['funcsam']['looksam_g_v'] entry {index!r} does not fit a parameter of "
                                  "this optimizer: the state belongs to another model")
             g_v[params[index]] = value.to(device=params[index].device, dtype=params[index].dtype)
-        return steps, g_v
+        adaptive = saved.get("adaptive")
+        if isinstance(self.mode, AESAM) and adaptive is not None:
+            adaptive = _checked_adaptive_statistics(adaptive, params[0].device)
+        else:
+            adaptive = None
+        return _ModeState(steps, g_v, adaptive)
 
     def _all_params(self) -> list:
         return [p for group in self.param_groups for p in group["params"]]
@@ -385,7 +456,7 @@ class SAMOptimizer(torch.optim.Optimizer):
     def _come_back(self) -> None:
         """Undo a ``first_step`` whose second half will not come: params (and buffers) as before it."""
         perturbed, self._perturbed = self._perturbed, None
-        self._first_grads = None
+        self._first_grads = self._first_gradient_norm = None
         torch._foreach_copy_(perturbed.params, perturbed.unperturbed)
         _restore_buffers(self.model, perturbed.pre_step_buffers or perturbed.first_pass_buffers)
 
@@ -406,6 +477,8 @@ class SAMOptimizer(torch.optim.Optimizer):
             _record_found_inf(grad_scaler, self, finite)
         self._opt_called = True  # what a torch.optim.lr_scheduler checks for before its own step
         self._gradients_seen = {p: (weakref.ref(p.grad), p.grad._version) for p in params}
+        if isinstance(self.mode, AESAM):
+            self._observe(finite)
         self.steps_taken += 1
 
     def _has_new_gradient(self) -> bool:
@@ -418,6 +491,24 @@ class SAMOptimizer(torch.optim.Optimizer):
                 if seen is None or seen[0]() is not p.grad or seen[1] != p.grad._version:
                     return True
         return False
+
+
+def _checked_adaptive_statistics(saved: Any, device: torch.device) -> _AdaptiveStatistics:
+    """AESAM's saved statistics, refused (ValueError) unless they are what ``state_dict()`` writes."""
+    fields = _AdaptiveStatistics._fields
+    fits = isinstance(saved, dict) and set(saved) == set(fields) and all(
+        isinstance(saved[name], torch.Tensor) and saved[name].dim() == 0 and saved[name].dtype == dtype
+        for name, dtype in zip(fields, _ADAPTIVE_DTYPES))
+    if fits:
+        statistics = _AdaptiveStatistics(*(saved[name].to(device=device, copy=True) for name in fields))
+        # Read once, at load time: the values must be statistics a run can have.
+        fits = (bool(statistics.mean.isfinite()) and bool(statistics.var.isfinite()) and float(statistics.var) >= 0
+                and int(statistics.count) >= 0)
+    if not fits:
+        raise ValueError("state_dict['funcsam']['adaptive'] must hold AESAM's statistics as optimizer.state_dict() "
+                         "writes them: 0-dim tensors mean and var (float32, finite, var >= 0), count (int64, >= 0) "
+                         f"and take_next (bool); got {saved!r:.200}")
+    return statistics
 
 
 def _hold(grads: list, applied: list) -> None:

@@ -13,6 +13,8 @@ takes, by the optimizer's own step index ``t = optimizer.steps_taken``::
                               momentum (momentum_buffer of SGD, exp_avg of Adam/AdamW); back to w, base step
     GSAM(alpha)               SAM's two passes, then the base step with d = g_sam - alpha * g_orth,
                               g_orth = g - (g . g_sam / (||g_sam||^2 + eps)) g_sam
+    AESAM(total_steps, delta) AE-SAM: SAM where the last step's ||g||^2 was high against its running
+                              mean and variance (funcsam.policy), the base step with g elsewhere
 
 Usage::
 
@@ -33,10 +35,11 @@ from typing import Any
 
 from .hyperparameters import check_scalar
 from .modes import Every, Late, every, gsam_direction, late, looksam_estimate, orthogonal_part
+from .policy import _check_delta, _check_int, _is_finite_number, linear_threshold
 from .tree import Tensor, global_norm
 
-__all__ = ["GSAM", "MSAM", "LookSAM", "cheap_step_gradient", "check_mode", "check_two_halves", "keeps_first_gradient",
-           "sam_step_gradient", "takes_full_sam"]
+__all__ = ["AESAM", "GSAM", "MSAM", "LookSAM", "cheap_step_gradient", "check_mode", "check_two_halves",
+           "keeps_first_gradient", "sam_step_gradient", "takes_full_sam"]
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,60 @@ class GSAM:
         check_scalar("alpha", self.alpha)
 
 
+@dataclass(frozen=True)
+class AESAM:
+    """AE-SAM (Jiang et al., ICLR 2023, arXiv 2304.14647): SAM's two passes where the gradient norm
+    says the loss is sharp, the base step with g in one pass elsewhere. The math of
+    :func:`funcsam.adaptive_sam_step` (the same rule, :func:`funcsam.policy.adaptive_statistics`)::
+
+        step t takes SAM if take_next (True before the first step), else the base step with g
+        then, with n_t = ||g_t||^2 (the plain first gradient at w, unscaled) and
+        c_t = linear_threshold(min(t, total_steps), total_steps, start, end):
+            mu = delta * mu + (1 - delta) * n_t          (mu = n_0, sigma^2 = 0 on the first step)
+            sigma^2 = delta * sigma^2 + (1 - delta) * (n_t - mu)^2
+            take_next = n_t >= mu + c_t * sigma            (a skipped, non-finite step keeps all of it)
+
+    The optimizer keeps mean, var, count and take_next as 0-dim tensors on the parameters' device,
+    updated there with ``torch.where`` on the step's finiteness, and saves them in
+    ``state_dict()["funcsam"]["adaptive"]`` (``load_state_dict`` checks and restores them, so a
+    resumed run is bit-exact). ``step(closure)`` reads take_next on the host once per step, before
+    choosing one pass or two: free on the CPU; on a GPU a one-byte device-to-host copy that waits for
+    the previous step's kernels to finish, so the GPU idles while the host launches the next step's
+    first kernels (negligible next to a large model's step, visible for a tiny one). The step index
+    t is ``optimizer.steps_taken`` (skipped steps count); past ``total_steps`` c_t stays at ``end``.
+    Only ``step(closure)``: ``first_step``/``second_step`` are refused.
+
+    Fields:
+        total_steps: T, an int >= 1, the number of steps over which c_t moves from start to end.
+        delta: the statistics' decay, in [0, 1) (the paper's 0.9).
+        start, end: finite reals, c_0 and c_T (1 and -1: a high bar early, a low one late).
+    """
+
+    total_steps: int
+    delta: float = 0.9
+    start: float = 1.0
+    end: float = -1.0
+
+    def __post_init__(self):
+        _check_int("total_steps", self.total_steps, minimum=1)
+        _check_delta(self.delta)
+        for name in ("start", "end"):
+            if not _is_finite_number(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite real number, got {getattr(self, name)!r}")
+
+    def threshold(self, step: int) -> float:
+        """c_t for the 0-based step ``step`` (``end`` from ``total_steps`` on)."""
+        return linear_threshold(min(step, self.total_steps), self.total_steps, self.start, self.end)
+
+
 def check_mode(mode: Any) -> Any:
-    """``mode`` if it is None, :class:`LookSAM`, :class:`MSAM`, :class:`GSAM` or a schedule (``funcsam.every(k)``,
-    ``funcsam.late(start_step)``, any object with ``takes_sam(step) -> bool``); TypeError otherwise."""
-    if mode is None or isinstance(mode, (LookSAM, MSAM, GSAM)):
+    """``mode`` if it is None, :class:`LookSAM`, :class:`MSAM`, :class:`GSAM`, :class:`AESAM` or a schedule
+    (``funcsam.every(k)``, ``funcsam.late(start_step)``, any object with ``takes_sam(step) -> bool``);
+    TypeError otherwise."""
+    if mode is None or isinstance(mode, (LookSAM, MSAM, GSAM, AESAM)):
         return mode
-    examples = {LookSAM: "LookSAM(k=5, alpha=0.7)", MSAM: "MSAM()", GSAM: "GSAM(alpha=0.2)", Every: "funcsam.every(5)",
+    examples = {LookSAM: "LookSAM(k=5, alpha=0.7)", MSAM: "MSAM()", GSAM: "GSAM(alpha=0.2)",
+                AESAM: "AESAM(total_steps=10000)", Every: "funcsam.every(5)",
                 every: "funcsam.every(5)", Late: "funcsam.late(1000)", late: "funcsam.late(1000)"}
     for factory, example in examples.items():
         if mode is factory:
@@ -101,16 +152,20 @@ def check_mode(mode: Any) -> Any:
         return mode
     raise TypeError(
         f"mode must be None (SAM on every step), funcsam.every(k), funcsam.late(start_step), LookSAM(k, alpha), "
-        f"MSAM() or GSAM(alpha), got {type(mode).__name__} {mode!r}"
+        f"MSAM(), GSAM(alpha) or AESAM(total_steps), got {type(mode).__name__} {mode!r}"
     )
 
 
 def takes_full_sam(mode: Any, step: int) -> bool:
-    """Whether step ``step`` (0-based) of ``step(closure)`` takes SAM's two passes (MSAM: never)."""
+    """Whether step ``step`` (0-based) of ``step(closure)`` takes SAM's two passes (MSAM: never).
+    AESAM decides from the optimizer's state, not the step index: the optimizer reads its take_next."""
     if mode is None or isinstance(mode, GSAM):
         return True
     if isinstance(mode, MSAM):
         return False
+    if isinstance(mode, AESAM):
+        raise TypeError("AESAM decides from the optimizer's running statistics (its take_next), not from the "
+                        "step index: the optimizer reads it")
     takes = (mode.schedule if isinstance(mode, LookSAM) else mode).takes_sam(step)
     if not isinstance(takes, bool):
         raise TypeError(f"mode.takes_sam(step) must return a Python bool, got {type(takes).__name__}")

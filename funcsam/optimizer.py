@@ -24,6 +24,7 @@ Both take ``mode=`` for a cheaper SAM with the math of :mod:`funcsam.modes` (see
 
     funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, mode=funcsam.every(5))
     funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, mode=GSAM(alpha=0.2))
+    funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, mode=funcsam.AESAM(total_steps=20_000))
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ class SAM(SAMOptimizer):
             the optimizer saw it, so a skipped step keeps that forward's buffer updates.) MSAM's one
             pass is at w + e: its buffer updates are kept.
         mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
-            ``LookSAM(k, alpha)``, ``MSAM()`` or ``GSAM(alpha)`` from :mod:`funcsam.adapter_modes`.
-            MSAM perturbs along ``state["momentum_buffer"]`` (torch.optim.SGD with momentum > 0) or
-            ``state["exp_avg"]`` (Adam, AdamW); a base optimizer with neither is refused.
+            ``LookSAM(k, alpha)``, ``MSAM()``, ``GSAM(alpha)`` or ``AESAM(total_steps, delta)`` from
+            :mod:`funcsam.adapter_modes`. MSAM perturbs along ``state["momentum_buffer"]``
+            (torch.optim.SGD with momentum > 0) or ``state["exp_avg"]`` (Adam, AdamW); a base
+            optimizer with neither is refused.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
 
     ``param_groups`` and ``state`` are the base optimizer's (``.base_optimizer``), so a
@@ -109,9 +111,9 @@ class SAM(SAMOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another kind of optimizer
         (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``; also
-        restores ``steps_taken`` and LookSAM's g_v (see :meth:`state_dict`)."""
+        restores ``steps_taken``, LookSAM's g_v and AESAM's statistics (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
-        steps_taken, g_v = self._saved_mode_state(state_dict)
+        mode_state = self._saved_mode_state(state_dict)
         needed = {key for key, value in self.base_optimizer.defaults.items()
                   if key not in _IMPLEMENTATION_KEYS and not isinstance(value, bool)}
         for index, group in enumerate(groups):
@@ -128,7 +130,7 @@ class SAM(SAMOptimizer):
         for group in self.param_groups:
             group.setdefault("rho", self.defaults["rho"])
             group.setdefault("adaptive", self.defaults["adaptive"])
-        self.steps_taken, self._looksam_g_v = steps_taken, g_v
+        self._restore_mode_state(mode_state)
 
     def _needs_first_gradient(self) -> bool:
         return not self._has_new_gradient()
@@ -191,7 +193,7 @@ class SAMSGD(SAMOptimizer):
             updates are kept.
         mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
             ``LookSAM(k, alpha)``, ``MSAM()`` (needs ``momentum > 0``; perturbs along the momentum
-            buffer) or ``GSAM(alpha)`` from :mod:`funcsam.adapter_modes`.
+            buffer), ``GSAM(alpha)`` or ``AESAM(total_steps, delta)`` from :mod:`funcsam.adapter_modes`.
 
     After ``step``, ``p.grad`` holds the (unscaled) SAM gradient and ``last_step_finite`` is a
     0-dim bool tensor: False when a gradient was non-finite and the step was skipped. The update is
@@ -230,10 +232,10 @@ class SAMSGD(SAMOptimizer):
         """As ``torch.optim.Optimizer.load_state_dict``; a ``torch.optim.SGD`` checkpoint loads too,
         its groups taking this optimizer's ``rho`` (and any other missing key) from the constructor.
         A state of another optimizer (Adam's moments), with bad hyperparameters, or with a momentum
-        buffer of the wrong shape is refused and nothing is changed. ``steps_taken`` and LookSAM's
-        g_v are restored too (see :meth:`state_dict`)."""
+        buffer of the wrong shape is refused and nothing is changed. ``steps_taken``, LookSAM's
+        g_v and AESAM's statistics are restored too (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
-        steps_taken, g_v = self._saved_mode_state(state_dict)
+        mode_state = self._saved_mode_state(state_dict)
         for index, group in enumerate(groups):
             self._check_group({**self.defaults, **group})
         params = {i: p for i, p in enumerate(p for group in self.param_groups for p in group["params"])}
@@ -250,7 +252,7 @@ class SAMSGD(SAMOptimizer):
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
-        self.steps_taken, self._looksam_g_v = steps_taken, g_v
+        self._restore_mode_state(mode_state)
 
     def _momentum(self, p: Tensor) -> Tensor | None:
         return self.state.get(p, {}).get("momentum_buffer")

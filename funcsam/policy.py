@@ -48,7 +48,7 @@ from .engine import (
 from .loss_scale import LossScaleState
 from .tree import PyTree, Tensor, flatten, global_norm, select
 
-__all__ = ["AdaptiveState", "adaptive_sam_step", "init_adaptive", "linear_threshold"]
+__all__ = ["AdaptiveState", "adaptive_sam_step", "adaptive_statistics", "init_adaptive", "linear_threshold"]
 
 
 class AdaptiveState(NamedTuple):
@@ -170,14 +170,48 @@ def adaptive_sam_step(
 def _observe(state: AdaptiveState, grad_norm: Tensor, threshold: float | Tensor, delta: float,
              finite: Tensor) -> AdaptiveState:
     """The statistics with n = grad_norm^2 folded in, and the rule on n; the old ones where not ``finite``."""
-    n = grad_norm.square().to(state.mean.dtype)
-    first = state.count == 0
-    mean = torch.where(first, n, delta * state.mean + (1 - delta) * n)
-    var = torch.where(first, torch.zeros_like(state.var), delta * state.var + (1 - delta) * (n - mean).square())
-    take_next = n >= mean + threshold * var.sqrt()
-    old = [state.mean, state.var, state.take_next]
-    mean, var, take_next = select(finite, [mean, var, take_next], old)
-    return AdaptiveState(state.base_state, mean, var, take_next, state.count + finite.to(state.count.dtype))
+    mean, var, count, take_next = adaptive_statistics(state.mean, state.var, state.count, state.take_next,
+                                                      grad_norm.square(), threshold=threshold, delta=delta,
+                                                      finite=finite)
+    return AdaptiveState(state.base_state, mean, var, take_next, count)
+
+
+def adaptive_statistics(mean: Tensor, var: Tensor, count: Tensor, take_next: Tensor, squared_norm: Tensor, *,
+                        threshold: float | Tensor, delta: float,
+                        finite: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """AE-SAM's rule on one step's n = ||g||^2: ``(mean, var, count, take_next)`` after it.
+
+    The one rule of :func:`adaptive_sam_step` and of ``funcsam.SAM``/``SAMSGD`` with
+    ``mode=funcsam.AESAM(...)``::
+
+        mu        = n                                  on the first n (count == 0): mu = n, sigma^2 = 0
+        mu        = delta * mu + (1 - delta) * n        otherwise
+        sigma^2   = delta * sigma^2 + (1 - delta) * (n - mu)^2
+        take_next = n >= mu + threshold * sigma
+
+    Pure tensor code (no host sync, traceable by torch.compile). Where ``finite`` (a 0-dim bool
+    tensor, the step's verdict) is False, the four inputs come back unchanged (``torch.where``).
+
+    Args:
+        mean, var: fp32 0-dim, the running mean and variance of ||g||^2 (0 while count is 0).
+        count: int64 0-dim, how many n the statistics hold. take_next: bool 0-dim, the last decision.
+        squared_norm: 0-dim, n = ||g||^2 of the plain first gradient at w (reduced and unscaled),
+            cast to ``mean``'s dtype.
+        threshold: c_t, a finite real number or a 0-dim floating tensor (:func:`linear_threshold`).
+        delta: the statistics' decay, in [0, 1).
+        finite: whether the step was taken; None is True.
+    """
+    _check_delta(delta)
+    _check_threshold(threshold)
+    n = squared_norm.to(mean.dtype)
+    first = count == 0
+    new_mean = torch.where(first, n, delta * mean + (1 - delta) * n)
+    new_var = torch.where(first, torch.zeros_like(var), delta * var + (1 - delta) * (n - new_mean).square())
+    new_take_next = n >= new_mean + threshold * new_var.sqrt()
+    if finite is None:
+        return new_mean, new_var, count + 1, new_take_next
+    new_mean, new_var, new_take_next = select(finite, [new_mean, new_var, new_take_next], [mean, var, take_next])
+    return new_mean, new_var, count + finite.to(count.dtype), new_take_next
 
 
 def _is_finite_number(value: Any) -> bool:

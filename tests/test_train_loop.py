@@ -23,7 +23,8 @@ def final_params(out: Path) -> dict:
 
 
 @pytest.mark.parametrize("base, mode", [("sgd", "full"), ("adamw", "full"), ("sgd", "every"), ("sgd", "late"),
-                                        ("sgd", "looksam"), ("adamw", "msam"), ("sgd", "gsam"), ("sgd", "sam-on")])
+                                        ("sgd", "looksam"), ("adamw", "msam"), ("sgd", "gsam"), ("sgd", "sam-on"),
+                                        ("sgd", "adaptive")])
 def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, base, mode):
     """sam_step and SAMSGD / SAM(AdamW) (with model=, so BN keeps first-pass statistics) compute the same SAM,
     in every mode the adapter has."""

@@ -245,8 +245,6 @@ def check_sam_mode(args: argparse.Namespace) -> None:
         raise UsageError("--sam-mode msam perturbs along the momentum: it needs --momentum > 0 (or --base adamw)")
     if args.sam_on and args.sam_mode not in ("full", "every", "late"):
         raise UsageError(f"--sam-on goes with --sam-mode full, every or late, not {args.sam_mode}")
-    if args.sam_mode == "adaptive" and args.api == "adapter":
-        raise UsageError("--sam-mode adaptive (AE-SAM) is a functional step (funcsam.adaptive_sam_step): use --api functional")
     if args.sam_mode != "full" and (args.m_sharpness > 1 or args.accumulate > 1):
         raise UsageError(f"--sam-mode {args.sam_mode} steps on whole batches: keep --m-sharpness and --accumulate at 1")
 

@@ -10,7 +10,8 @@
 fullgraph region; the learning rate and rho travel as 0-dim tensors so the schedule never recompiles.
 ``AdapterStepper`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` (``--base
 sgd``) or ``funcsam.SAM`` over ``torch.optim.AdamW`` (``--base adamw``) with a ``LambdaLR`` schedule
-(and a ``GradScaler`` under fp16). Each builds its optimizer in one place (``_init_optimizer``).
+(and a ``GradScaler`` under fp16), ``--sam-mode`` as its ``mode=`` (adaptive: ``funcsam.AESAM`` over
+the run's steps). Each builds its optimizer in one place (``_init_optimizer``).
 Loss and accuracy are summed into ``TrainTotals`` on the device, so no step waits for the host.
 """
 
@@ -264,9 +265,12 @@ class AdapterStepper:
 
     @staticmethod
     def _init_optimizer(args, model, policy: SAMPolicy) -> funcsam.SAMOptimizer:
-        mode = {"full": None, "every": policy.schedule, "late": policy.schedule, "msam": funcsam.MSAM(),
-                "looksam": funcsam.LookSAM(args.sam_every, args.looksam_alpha), "gsam": funcsam.GSAM(args.gsam_alpha),
-                }[args.sam_mode]
+        if args.sam_mode == "adaptive":  # the threshold moves over the whole run, as the functional step's
+            mode = funcsam.AESAM(total_steps=policy.total_steps, delta=args.adaptive_delta)
+        else:
+            mode = {"full": None, "every": policy.schedule, "late": policy.schedule, "msam": funcsam.MSAM(),
+                    "looksam": funcsam.LookSAM(args.sam_every, args.looksam_alpha),
+                    "gsam": funcsam.GSAM(args.gsam_alpha)}[args.sam_mode]
         params = funcsam.sam_on_param_groups(model) if args.sam_on else model.parameters()
         common = dict(rho=args.rho, adaptive=args.adaptive, model=model, mode=mode)
         if args.base == "adamw":
