@@ -94,7 +94,10 @@ def sam_adapter_step(model, batch, base: str = "sgd", compile_model: bool = Fals
     return step
 
 
-def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd") -> Callable[[], object]:
+def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd",
+                    compile_loss: bool = False) -> Callable[[], object]:
+    """``sam_step`` compiled whole (``compile``), or eager around a compiled loss function
+    (``compile_loss``: forward and backward one training graph each pass, as ``torch.compile(model)``)."""
     model = copy.deepcopy(model)
     recipe = RECIPES[base]
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -102,6 +105,8 @@ def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd") -> C
     base_optimizer = recipe["funcsam"](**recipe["hyper"])
     carry = {"params": params, "buffers": buffers, "state": base_optimizer.init(params)}
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    if compile_loss:
+        loss_fn = torch.compile(loss_fn)
     device = batch[0].device
     lr = torch.tensor(recipe["lr"], device=device)
     rho_arg = rho if rho == 0 else torch.tensor(rho, device=device)
@@ -126,6 +131,8 @@ VARIANTS = {
     "sam_step (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False),
     "SGD via sam_step rho=0 (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True),
     "sam_step (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True),
+    "sam_step around compile(loss_fn) (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=False,
+                                                                               compile_loss=True),
     "compile(model) + torch.optim.SGD (compiled)": lambda m, b: torch_step(m, b, "sgd", compile_model=True),
     "compile(model) + SAM(SGD) first/second step (compiled)": lambda m, b: sam_adapter_step(m, b, "sgd", True),
     "torch.optim.AdamW (eager)": lambda m, b: torch_step(m, b, "adamw"),
