@@ -55,7 +55,8 @@ def test_bare_amp_means_bf16():
                                   ["--looksam-alpha", "-0.1"], ["--gsam-alpha", "nan"], ["--epochs", "5", "--sam-start-epoch", "5"],
                                   ["--sam-mode", "every", "--optim", "sgd"], ["--sam-mode", "msam", "--momentum", "0"],
                                   ["--sam-mode", "looksam", "--accumulate", "2"], ["--sam-mode", "msam", "--sam-on"],
-                                  ["--adaptive-delta", "1"]])
+                                  ["--adaptive-delta", "1"], ["--compile-scope", "loss", "--m-sharpness", "2"],
+                                  ["--compile-scope", "graph"]])
 def test_bad_values_exit_2_with_a_reason(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cifar10.parse_args(argv)

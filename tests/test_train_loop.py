@@ -97,19 +97,32 @@ def test_fp16_with_dynamic_loss_scaling_runs(tmp_path, api):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim", ["sam", "sgd"])
-def test_compiled_amp_run_compiles_once_and_never_recompiles(tmp_path, optim):
-    """Whole step (both passes + update) and eval step: one graph each across steps and epochs,
-    while the learning rate changes every step."""
+@pytest.mark.parametrize("optim, scope", [("sam", "step"), ("sgd", "step"), ("sam", "auto")])
+def test_compiled_amp_run_compiles_once_and_never_recompiles(tmp_path, optim, scope):
+    """Whole step (both passes + update) or the loss function (auto on a CPU), and the eval step:
+    one graph each across steps and epochs, while the learning rate changes every step."""
     torch._dynamo.reset()
     counters.clear()
-    out = tmp_path / optim
-    args = tiny_args(out, "--compile", "--amp", "--optim", optim, "--epochs", "3", "--limit-steps", "3")
+    out = tmp_path / f"{optim}-{scope}"
+    args = tiny_args(out, "--compile", "--compile-scope", scope, "--amp", "--optim", optim, "--epochs", "3",
+                     "--limit-steps", "3")
     assert cifar10.main(args) == 0
-    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # train step + eval step
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # train step (or loss) + eval step
     assert not counters["graph_break"], dict(counters["graph_break"])
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len({r["lr"] for r in rows}) == 3 and all(r["train_loss"] == r["train_loss"] for r in rows)
+
+
+@pytest.mark.slow
+def test_both_compile_scopes_take_the_eager_steps(tmp_path):
+    """A compiled loss function and a compiled whole step compute what the eager step computes."""
+    assert cifar10.main(tiny_args(tmp_path / "eager", "--limit-steps", "3")) == 0
+    eager = final_params(tmp_path / "eager")
+    for scope in ("loss", "step"):
+        assert cifar10.main(tiny_args(tmp_path / scope, "--limit-steps", "3", "--compile", "--compile-scope", scope)) == 0
+        compiled = final_params(tmp_path / scope)
+        for name in eager:
+            torch.testing.assert_close(compiled[name], eager[name], rtol=1e-4, atol=1e-5)
 
 
 def test_sharpness_is_recorded_without_changing_the_trajectory(tmp_path):
