@@ -28,10 +28,15 @@ RATIOS = [
     ("sam_step (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
     ("compile(model) + SAM(SGD) first/second step (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
     ("sam_step (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
+    ("sam_step around compile(loss_fn) (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
+    ("sam_step around compile(loss_fn) (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
     ("SAM(AdamW) first/second step (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
     ("sam_step base=adamw (compiled)", "compile(model) + SAM(AdamW) first/second step (compiled)", 1.00),
+    ("sam_step base=adamw around compile(loss_fn) (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
+    ("sam_step base=adamw around compile(loss_fn) (compiled)",
+     "compile(model) + SAM(AdamW) first/second step (compiled)", 1.00),
 ]
 
 

@@ -141,6 +141,8 @@ VARIANTS = {
     "AdamW via sam_step rho=0 base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True,
                                                                                      base="adamw"),
     "sam_step base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True, base="adamw"),
+    "sam_step base=adamw around compile(loss_fn) (compiled)": lambda m, b: functional_step(
+        m, b, rho=RHO, compile=False, base="adamw", compile_loss=True),
     "compile(model) + torch.optim.AdamW (compiled)": lambda m, b: torch_step(m, b, "adamw", compile_model=True),
     "compile(model) + SAM(AdamW) first/second step (compiled)": lambda m, b: sam_adapter_step(m, b, "adamw", True),
 }
