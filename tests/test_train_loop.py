@@ -165,3 +165,17 @@ def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode, full_s
     assert not torch.equal(full_sam_params["fc.weight"], final_params(tmp_path / mode)["fc.weight"])
     recorded = json.loads((tmp_path / mode / "args.json").read_text())
     assert recorded["sam_on"] if mode == "sam-on" else recorded["sam_mode"] == mode
+
+
+def test_channels_last_takes_the_same_steps_and_compiles_the_whole_step(tmp_path):
+    """NHWC weights and inputs compute what NCHW computes; with them --compile-scope auto compiles the
+    whole step (one graph) rather than the loss function."""
+    assert cifar10.main(tiny_args(tmp_path / "nchw", "--limit-steps", "3")) == 0
+    torch._dynamo.reset()
+    counters.clear()
+    assert cifar10.main(tiny_args(tmp_path / "nhwc", "--limit-steps", "3", "--channels-last", "--compile")) == 0
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # whole step + eval step
+    nchw, nhwc = final_params(tmp_path / "nchw"), final_params(tmp_path / "nhwc")
+    for name in nchw:
+        torch.testing.assert_close(nhwc[name], nchw[name], rtol=1e-4, atol=1e-5)
+    assert nhwc["conv1.weight"].is_contiguous(memory_format=torch.channels_last)

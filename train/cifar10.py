@@ -59,7 +59,7 @@ from train.config import (PRE_EXISTING_DEFAULTS, RUN_DEFINING_ARGS, UsageError, 
 from train.data import Dataset, DatasetUnavailable, load_cifar, make_epoch_plan, make_synthetic, normalize
 from train.models import build_model, count_parameters
 from train.reporting import SUMMARY_NAME, EpochClock, Reporter, epoch_row, header_line, make_summary
-from train.steppers import make_criterion, make_eval_step, make_stepper, zero_totals
+from train.steppers import make_criterion, make_eval_step, make_stepper, memory_format, zero_totals
 
 LOG_EVERY = 50  # steps between host reads of the running loss (one device sync each)
 
@@ -109,7 +109,7 @@ def train(args: argparse.Namespace) -> dict:
 
         # The model is initialised from the seed, so every device (and rank) starts from the same weights.
         torch.manual_seed(args.seed)
-        model = build_model(args.model, data.num_classes).to(device)
+        model = build_model(args.model, data.num_classes).to(device, memory_format=memory_format(args))
         if args.sync_bn:
             model = funcsam.distributed.convert_sync_batchnorm(model)  # same names: checkpoints load either way
         model.train()
