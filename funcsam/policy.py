@@ -35,6 +35,7 @@ Usage (lr, rho and c_t as 0-dim tensors, so a compiled step never recompiles for
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any, Callable, NamedTuple
 
@@ -45,6 +46,7 @@ from .engine import (
     GradReduce, SAMOptions, SAMStepOutput, check_batch, finish_step, gradient_fn, one_pass_gradient, prepare_step,
     resolve_base, sam_gradient,
 )
+from .hyperparameters import check_scalar
 from .loss_scale import LossScaleState
 from .tree import PyTree, Tensor, flatten, global_norm, select
 
@@ -235,18 +237,5 @@ def _check_delta(delta: Any) -> None:
 
 
 def _check_threshold(threshold: Any) -> None:
-    if isinstance(threshold, torch.Tensor):
-        if threshold.dim() != 0 or not threshold.is_floating_point():
-            raise ValueError(f"threshold must be a 0-dim floating tensor, got shape {tuple(threshold.shape)} "
-                             f"and dtype {threshold.dtype}")
-        # A GPU value is not read: that would be a second host sync per step.
-        if threshold.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(threshold.isfinite()):
-            raise ValueError(f"threshold must be finite, got {threshold.item()}")
-        return
-    if isinstance(threshold, (torch.SymInt, torch.SymFloat)):
-        return
-    if not isinstance(threshold, numbers.Real) or isinstance(threshold, bool):
-        raise TypeError(f"threshold (c_t) must be a real number or a 0-dim floating tensor, e.g. "
-                        f"funcsam.linear_threshold(step, total_steps); got {type(threshold).__name__} {threshold!r}")
-    if not _is_finite_number(threshold):
-        raise ValueError(f"threshold (c_t) must be finite, got {threshold}")
+    """c_t: any finite real, a Python number or a 0-dim floating tensor (a GPU value is not read)."""
+    check_scalar("threshold (c_t)", threshold, allow_tensor=True, minimum=-math.inf)
