@@ -35,7 +35,7 @@ from typing import Any
 
 from .hyperparameters import check_scalar
 from .modes import Every, Late, every, gsam_direction, late, looksam_estimate, orthogonal_part
-from .policy import _check_delta, _check_int, _is_finite_number, linear_threshold
+from .policy import check_delta, check_int, is_finite_number, linear_threshold
 from .tree import Tensor, global_norm
 
 __all__ = ["AESAM", "GSAM", "MSAM", "LookSAM", "cheap_step_gradient", "check_mode", "check_two_halves",
@@ -125,10 +125,10 @@ class AESAM:
     end: float = -1.0
 
     def __post_init__(self):
-        _check_int("total_steps", self.total_steps, minimum=1)
-        _check_delta(self.delta)
+        check_int("total_steps", self.total_steps, minimum=1)
+        check_delta(self.delta)
         for name in ("start", "end"):
-            if not _is_finite_number(getattr(self, name)):
+            if not is_finite_number(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite real number, got {getattr(self, name)!r}")
 
     def threshold(self, step: int) -> float:

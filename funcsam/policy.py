@@ -95,12 +95,12 @@ def linear_threshold(step: int, total_steps: int, start: float = 1.0, end: float
         total_steps: T, the number of steps of the run, an int >= 1.
         start, end: finite real numbers, c_0 and c_T.
     """
-    _check_int("total_steps", total_steps, minimum=1)
-    _check_int("step", step, minimum=0)
+    check_int("total_steps", total_steps, minimum=1)
+    check_int("step", step, minimum=0)
     if step > total_steps:
         raise ValueError(f"step must be <= total_steps ({total_steps}), got {step}")
     for name, value in (("start", start), ("end", end)):
-        if not _is_finite_number(value):
+        if not is_finite_number(value):
             raise ValueError(f"{name} must be a finite real number, got {value!r}")
     return float(start + (end - start) * step / total_steps)
 
@@ -147,7 +147,7 @@ def adaptive_sam_step(
     if not isinstance(take_sam, bool):
         raise TypeError(f"take_sam must be a Python bool read on the host, bool(state.take_next); "
                         f"got {type(take_sam).__name__} {take_sam!r}")
-    _check_delta(delta)
+    check_delta(delta)
     _check_threshold(threshold)
     if not isinstance(momentum_state, AdaptiveState):
         raise TypeError(f"momentum_state must be a funcsam.AdaptiveState from funcsam.init_adaptive(base, params), "
@@ -203,7 +203,7 @@ def adaptive_statistics(mean: Tensor, var: Tensor, count: Tensor, take_next: Ten
         delta: the statistics' decay, in [0, 1).
         finite: whether the step was taken; None is True.
     """
-    _check_delta(delta)
+    check_delta(delta)
     _check_threshold(threshold)
     n = squared_norm.to(mean.dtype)
     first = count == 0
@@ -216,19 +216,21 @@ def adaptive_statistics(mean: Tensor, var: Tensor, count: Tensor, take_next: Ten
     return new_mean, new_var, count + finite.to(count.dtype), new_take_next
 
 
-def _is_finite_number(value: Any) -> bool:
-    # value - value is 0 for every finite number and NaN for inf and NaN.
+def is_finite_number(value: Any) -> bool:
+    """A real Python number that is neither inf nor NaN (value - value is 0 exactly for those)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value - value == 0
 
 
-def _check_int(name: str, value: Any, *, minimum: int) -> None:
+def check_int(name: str, value: Any, *, minimum: int) -> None:
+    """``value`` must be a Python int >= ``minimum``; TypeError or ValueError naming ``name``."""
     if not isinstance(value, numbers.Integral) or isinstance(value, bool):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value}")
 
 
-def _check_delta(delta: Any) -> None:
+def check_delta(delta: Any) -> None:
+    """AE-SAM's decay of its running statistics: a real in [0, 1)."""
     if not (isinstance(delta, numbers.Real) and not isinstance(delta, bool)):
         raise TypeError(f"delta must be a Python number in [0, 1) (the statistics' decay, 0.9 in the paper), "
                         f"got {type(delta).__name__} {delta!r}")
