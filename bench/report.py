@@ -2,6 +2,7 @@
 
     python -m bench.report [--rounds 15] [--batch-size 128] [--device cpu|cuda] [--skip-compiled]
                            [--memory-format contiguous|channels_last|both] [--base sgd|adamw|both]
+                           [--only REGEX]
 
 Prints a markdown table of median step times and the ratios the project tracks, and, on CUDA, the
 peak-memory overhead of SAMSGD over torch.optim.SGD in parameter copies.
@@ -10,6 +11,7 @@ peak-memory overhead of SAMSGD over torch.optim.SGD in parameter copies.
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import time
 
@@ -28,12 +30,17 @@ RATIOS = [
     ("sam_step (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
     ("compile(model) + SAM(SGD) first/second step (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
     ("sam_step (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
+    ("sam_step, loss in channels_last (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
+    ("sam_step, loss in channels_last (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
     ("sam_step around compile(loss_fn) (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
     ("sam_step around compile(loss_fn) (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
     ("SAM(AdamW) first/second step (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
     ("sam_step base=adamw (compiled)", "compile(model) + SAM(AdamW) first/second step (compiled)", 1.00),
+    ("sam_step base=adamw, loss in channels_last (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
+    ("sam_step base=adamw, loss in channels_last (compiled)",
+     "compile(model) + SAM(AdamW) first/second step (compiled)", 1.00),
     ("sam_step base=adamw around compile(loss_fn) (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
     ("sam_step base=adamw around compile(loss_fn) (compiled)",
      "compile(model) + SAM(AdamW) first/second step (compiled)", 1.00),
@@ -91,15 +98,22 @@ def main(argv=None) -> None:
                         help="the base optimizer of the variants (both: SGD's and AdamW's, interleaved)")
     parser.add_argument("--memory-format", default="contiguous", choices=["contiguous", "channels_last", "both"],
                         help="layout of the model and batch (both: every variant in each layout, interleaved)")
+    parser.add_argument("--only", metavar="REGEX",
+                        help="only the variants whose name matches (re.search), e.g. 'compile' or 'AdamW'")
     args = parser.parse_args(argv)
 
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     bases = ["sgd", "adamw"] if args.base == "both" else [args.base]
-    names = [n for n in VARIANTS if variant_base(n) in bases and not (args.skip_compiled and "compiled" in n)]
+    names = [n for n in VARIANTS if variant_base(n) in bases and not (args.skip_compiled and "compiled" in n)
+             and (args.only is None or re.search(args.only, n))]
+    if not names:
+        parser.error(f"no variant matches --only {args.only!r}; the variants are:\n  " + "\n  ".join(VARIANTS))
     steps, problems = {}, {}
     for layout in formats:
         problems[layout] = make_problem(args.batch_size, args.device, channels_last=layout == "channels_last")
         for name in names:
+            if layout == "channels_last" and "loss in channels_last" in name:
+                continue  # the same step as the plain one: its tensors are channels_last already
             steps[f"{name} [{layout}]"] = VARIANTS[name](*problems[layout])
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
           f"ResNet-20, batch {args.batch_size}, {args.rounds} interleaved rounds", flush=True)
@@ -112,7 +126,7 @@ def main(argv=None) -> None:
     for name in steps:
         print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / base:.3f} |")
     for layout in formats:
-        m = {name: median[f"{name} [{layout}]"] for name in names}
+        m = {name: median[f"{name} [{layout}]"] for name in names if f"{name} [{layout}]" in median}
         print(f"\n[{layout}]")
         for name, over, goal in RATIOS:
             if name in m and over in m:

@@ -94,17 +94,18 @@ def sam_adapter_step(model, batch, base: str = "sgd", compile_model: bool = Fals
     return step
 
 
-def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd",
-                    compile_loss: bool = False) -> Callable[[], object]:
+def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd", compile_loss: bool = False,
+                    loss_memory_format: torch.memory_format | None = None) -> Callable[[], object]:
     """``sam_step`` compiled whole (``compile``), or eager around a compiled loss function
-    (``compile_loss``: forward and backward one training graph each pass, as ``torch.compile(model)``)."""
+    (``compile_loss``: forward and backward one training graph each pass, as ``torch.compile(model)``);
+    ``loss_memory_format`` goes to ``make_loss_fn`` (the forward computes in it, whatever the storage)."""
     model = copy.deepcopy(model)
     recipe = RECIPES[base]
     params = {k: v.detach() for k, v in model.named_parameters()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     base_optimizer = recipe["funcsam"](**recipe["hyper"])
     carry = {"params": params, "buffers": buffers, "state": base_optimizer.init(params)}
-    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, memory_format=loss_memory_format)
     if compile_loss:
         loss_fn = torch.compile(loss_fn)
     device = batch[0].device
@@ -131,6 +132,8 @@ VARIANTS = {
     "sam_step (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False),
     "SGD via sam_step rho=0 (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True),
     "sam_step (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True),
+    "sam_step, loss in channels_last (compiled)": lambda m, b: functional_step(
+        m, b, rho=RHO, compile=True, loss_memory_format=torch.channels_last),
     "sam_step around compile(loss_fn) (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=False,
                                                                                compile_loss=True),
     "compile(model) + torch.optim.SGD (compiled)": lambda m, b: torch_step(m, b, "sgd", compile_model=True),
@@ -141,6 +144,8 @@ VARIANTS = {
     "AdamW via sam_step rho=0 base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True,
                                                                                      base="adamw"),
     "sam_step base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True, base="adamw"),
+    "sam_step base=adamw, loss in channels_last (compiled)": lambda m, b: functional_step(
+        m, b, rho=RHO, compile=True, base="adamw", loss_memory_format=torch.channels_last),
     "sam_step base=adamw around compile(loss_fn) (compiled)": lambda m, b: functional_step(
         m, b, rho=RHO, compile=False, base="adamw", compile_loss=True),
     "compile(model) + torch.optim.AdamW (compiled)": lambda m, b: torch_step(m, b, "adamw", compile_model=True),

@@ -18,6 +18,7 @@ def make_loss_fn(
     criterion: Callable[[Tensor, Tensor], Tensor],
     *,
     autocast_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format | None = None,
 ) -> LossFn:
     """Build ``loss_fn(params, buffers, batch) -> (loss, (new_buffers, logits))``.
 
@@ -39,9 +40,13 @@ def make_loss_fn(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(criterion):
         raise TypeError(f"criterion must be callable as criterion(logits, targets), got {criterion!r}")
+    layout_rank = check_memory_format(memory_format)
 
     def loss_fn(params: dict, buffers: dict, batch: Any):
         inputs, targets = batch
+        if layout_rank is not None:
+            params = {name: in_memory_format(p, memory_format, layout_rank) for name, p in params.items()}
+            inputs = in_memory_format(inputs, memory_format, layout_rank)
         # functional_call writes BatchNorm's in-place running-stat updates into the tensors it is
         # given: hand it clones so that the caller's buffers stay as they were.
         new_buffers = dict(zip(buffers.keys(), clone_all(list(buffers.values()))))
@@ -56,3 +61,26 @@ def make_loss_fn(
         return loss.float(), (new_buffers, logits)
 
     return loss_fn
+
+
+# The memory formats a loss function may compute in, and the rank of the tensors each applies to.
+_LAYOUT_RANKS = {torch.channels_last: 4, torch.channels_last_3d: 5}
+
+
+def check_memory_format(memory_format: torch.memory_format | None) -> int | None:
+    """The tensor rank ``memory_format`` applies to (4 for channels_last, 5 for channels_last_3d),
+    or None for None; anything else is a ValueError."""
+    if memory_format is None:
+        return None
+    if memory_format not in _LAYOUT_RANKS:
+        raise ValueError(f"memory_format must be None, torch.channels_last or torch.channels_last_3d, got "
+                         f"{memory_format!r}; leave it None to compute in the layout the tensors are stored in")
+    return _LAYOUT_RANKS[memory_format]
+
+
+def in_memory_format(x: Any, memory_format: torch.memory_format, rank: int) -> Any:
+    """``x`` in ``memory_format`` if it is a tensor of ``rank`` dimensions, else ``x`` as it is.
+    Differentiable: a copy, or the tensor itself when it is already in that layout."""
+    if isinstance(x, torch.Tensor) and x.dim() == rank:
+        return x.contiguous(memory_format=memory_format)
+    return x

@@ -4,11 +4,12 @@ import copy
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import funcsam
 from helpers import (
-    assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers,
+    assert_trees_close, assert_trees_equal, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers,
     reference_sam_sgd, run_sam_step, run_samsgd,
 )
 
@@ -230,6 +231,50 @@ def test_make_loss_fn_rejects_bad_arguments():
         funcsam.make_loss_fn(lambda x: x, F.cross_entropy)
     with pytest.raises(TypeError, match="criterion"):
         funcsam.make_loss_fn(mlp(), "cross_entropy")
+    for bad in (torch.preserve_format, torch.contiguous_format, "channels_last"):
+        with pytest.raises(ValueError, match="memory_format must be None, torch.channels_last"):
+            funcsam.make_loss_fn(mlp(), F.cross_entropy, memory_format=bad)
+
+
+def test_loss_fn_computing_in_channels_last_gives_the_same_sam_steps():
+    """memory_format changes the layout the forward computes in, never the numbers: SAM steps over
+    contiguous storage equal the plain loss function's (to float32 rounding of a different conv
+    algorithm), the stored params keep their layout, and the 4-D inputs reach the model as NHWC."""
+    model = bn_convnet()
+    seen = []
+    model[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last)))
+    batches = classification_batches(3, 8, (3, 6, 6))
+    results = {}
+    for memory_format in (None, torch.channels_last):
+        params, buffers = params_and_buffers(model)
+        stored = {k: v.clone() for k, v in params.items()}
+        loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, memory_format=memory_format)
+        state = funcsam.init_momentum(params)
+        for batch in batches:
+            out = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, momentum=0.9,
+                                   weight_decay=5e-4)
+            assert_trees_equal(params, stored)  # the step is pure: its inputs are never written
+            params, buffers, state = out.params, out.buffers, out.momentum_state
+            stored = {k: v.clone() for k, v in params.items()}
+        assert all(p.is_contiguous() for p in params.values())
+        results[memory_format] = (params, buffers, out.loss)
+    assert seen == [False] * 6 + [True] * 6  # two passes per step, three steps each
+    (p0, b0, l0), (p1, b1, l1) = results[None], results[torch.channels_last]
+    assert_trees_close(p0, p1, atol=1e-5)
+    assert_trees_close(b0, b1, atol=1e-5)
+    torch.testing.assert_close(l0, l1)
+
+
+def test_loss_fn_in_channels_last_3d_converts_5d_tensors_only():
+    model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4 * 4, 2))
+    params, buffers = params_and_buffers(model)
+    inputs, targets = torch.randn(5, 2, 4, 4, 4), torch.randint(0, 2, (5,))
+    grads = {}
+    for memory_format in (None, torch.channels_last_3d):
+        loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, memory_format=memory_format)
+        grads[memory_format] = torch.func.grad(lambda p: loss_fn(p, buffers, (inputs, targets))[0])(params)
+    assert_trees_close(grads[None], grads[torch.channels_last_3d], atol=1e-6)
 
 
 @pytest.mark.parametrize("unused_parameter", [False, True])
