@@ -29,15 +29,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 # name -> trainer flags. "adapter" is the closure-style SAMSGD path (eager): the baseline that the
-# compiled functional step is measured against.
+# compiled functional step is measured against; with --compile it is what a davda54/sam user does
+# (torch.compile(model), the optimizer eager). The trainer stores channels_last unless "-nchw".
 CONFIGS = {
     "sam-adapter-eager": ["--optim", "sam", "--api", "adapter"],
     "sam-functional-eager": ["--optim", "sam", "--api", "functional"],
     "sam-functional-compiled": ["--optim", "sam", "--api", "functional", "--compile"],
+    "sam-adapter-compiled": ["--optim", "sam", "--api", "adapter", "--compile"],
     "sgd-adapter-eager": ["--optim", "sgd", "--api", "adapter"],
     "sgd-functional-eager": ["--optim", "sgd", "--api", "functional"],
     "sgd-functional-compiled": ["--optim", "sgd", "--api", "functional", "--compile"],
+    "sgd-adapter-compiled": ["--optim", "sgd", "--api", "adapter", "--compile"],
+    "sam-functional-compiled-nchw": ["--optim", "sam", "--api", "functional", "--compile", "--no-channels-last"],
+    "sam-adapter-compiled-nchw": ["--optim", "sam", "--api", "adapter", "--compile", "--no-channels-last"],
+    "sgd-adapter-compiled-nchw": ["--optim", "sgd", "--api", "adapter", "--compile", "--no-channels-last"],
 }
+DEFAULT_CONFIGS = ["sam-adapter-eager", "sam-functional-eager", "sam-functional-compiled", "sgd-adapter-eager",
+                   "sgd-functional-eager", "sgd-functional-compiled"]
 
 
 def run_trainer(flags: list[str], model: str, steps: int, epochs: int, batch_size: int, device: str,
@@ -77,14 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=3, help="epochs per run; the first is not timed")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--configs", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="pass --amp to every run")
+    p.add_argument("--no-channels-last", action="store_true", help="pass --no-channels-last to every run (NCHW)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of the runs. On a machine shared with other jobs, 1 avoids OpenMP "
                         "threads spinning at barriers for a descheduled sibling, which can slow a run 10x")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
     args = p.parse_args(argv)
-    extra = ["--amp", args.amp] if args.amp else []
+    extra = (["--amp", args.amp] if args.amp else []) + (["--no-channels-last"] if args.no_channels_last else [])
 
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_index in range(args.rounds):

@@ -102,6 +102,9 @@ def main(argv=None) -> None:
                         help="only the variants whose name matches (re.search), e.g. 'compile' or 'AdamW'")
     args = parser.parse_args(argv)
 
+    # Every compiled functional variant is the same code object (bench.steps.functional_step's
+    # train_step) over other closures: one graph each, past dynamo's default limit of 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     bases = ["sgd", "adamw"] if args.base == "both" else [args.base]
     names = [n for n in VARIANTS if variant_base(n) in bases and not (args.skip_compiled and "compiled" in n)

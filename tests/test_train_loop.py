@@ -29,6 +29,10 @@ def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, base, mode):
     """sam_step and SAMSGD / SAM(AdamW) (with model=, so BN keeps first-pass statistics) compute the same SAM,
     in every mode the adapter has."""
     flags = ["--sam-on"] if mode == "sam-on" else ["--sam-mode", mode, "--sam-every", "3", "--sam-start-epoch", "1"]
+    # NCHW: there both APIs round alike. In channels_last they differ by 1e-7 after 4 steps (every mode),
+    # which LookSAM's reused direction g_v, the small difference of two nearly parallel gradients,
+    # grows to 2e-3 over these 20 steps: as much as channels_last against NCHW within one API (3e-3).
+    flags.append("--no-channels-last")
     for api in ("functional", "adapter"):
         assert cifar10.main(tiny_args(tmp_path / api, "--api", api, "--base", base, *flags)) == 0
     functional, adapter = final_params(tmp_path / "functional"), final_params(tmp_path / "adapter")
@@ -168,12 +172,12 @@ def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode, full_s
 
 
 def test_channels_last_takes_the_same_steps_and_compiles_the_whole_step(tmp_path):
-    """NHWC weights and inputs compute what NCHW computes; with them --compile-scope auto compiles the
-    whole step (one graph) rather than the loss function."""
-    assert cifar10.main(tiny_args(tmp_path / "nchw", "--limit-steps", "3")) == 0
+    """NHWC weights and inputs (the default) compute what NCHW (--no-channels-last) computes; with
+    them --compile-scope auto compiles the whole step (one graph) rather than the loss function."""
+    assert cifar10.main(tiny_args(tmp_path / "nchw", "--limit-steps", "3", "--no-channels-last")) == 0
     torch._dynamo.reset()
     counters.clear()
-    assert cifar10.main(tiny_args(tmp_path / "nhwc", "--limit-steps", "3", "--channels-last", "--compile")) == 0
+    assert cifar10.main(tiny_args(tmp_path / "nhwc", "--limit-steps", "3", "--compile")) == 0
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])  # whole step + eval step
     nchw, nhwc = final_params(tmp_path / "nchw"), final_params(tmp_path / "nhwc")
     for name in nchw:

@@ -93,16 +93,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training step (see --compile-scope) and the eval step; adapter: "
                         "compile the model's forward")
-    p.add_argument("--channels-last", action="store_true",
-                   help="keep the convolution weights and the inputs in channels_last (NHWC) layout: on this "
-                        "project's 2-core CPU every step ran about a quarter faster, and the whole compiled step "
-                        "became the fastest (with it, --compile-scope auto compiles the whole step)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the convolution weights and the inputs in channels_last (NHWC) layout (default; "
+                        "--no-channels-last for NCHW). On this project's 2-core CPU every step, eager or compiled, "
+                        "ran faster in it, and a step compiled whole needs it: in NCHW inductor transposes every "
+                        "activation of the backward half (see the README's \"Where the compiled step loses\")")
     p.add_argument("--compile-scope", default="auto", choices=["auto", "step", "loss"],
                    help="functional API with --compile: step = the whole step (both passes and the update) as one "
                         "fullgraph region; loss = the loss function (forward and backward graphs of each pass, as "
                         "torch.compile(model)), the SAM arithmetic eager; auto = loss on a CPU in NCHW (measured 18%% "
-                        "faster there), step with --channels-last, on a GPU (no kernel launches between the parts) "
-                        "and with --m-sharpness")
+                        "faster there), step in channels_last (the default), on a GPU (no kernel launches between "
+                        "the parts) and with --m-sharpness")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="autocast; bare --amp means bf16. fp16 uses dynamic loss scaling (slow on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda if available")

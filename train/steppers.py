@@ -135,9 +135,11 @@ def compile_scope(args, device: torch.device) -> str | None:
         return None
     if args.compile_scope != "auto":
         return args.compile_scope
-    # Measured on a 2-core CPU (ResNet-20, batch 128): in NCHW the whole step compiled took 676 ms, the
-    # eager step around a compiled loss function 557 ms; in channels_last 514 and 535 ms. m-sharpness
-    # vmaps the loss function, which a compiled function cannot be.
+    # Measured on a 2-core CPU (ResNet-20, batch 128, bench.report): in channels_last (the default) the
+    # whole step compiled took 533 ms, the eager step around a compiled loss function 547 ms; in NCHW
+    # 666 and 545 ms, because inductor's layout choice for the convolutions does not reach the backward
+    # half of a torch.func.grad graph (README, "Where the compiled step loses"). m-sharpness vmaps the
+    # loss function, which a compiled function cannot be.
     return "loss" if device.type == "cpu" and not args.channels_last and args.m_sharpness == 1 else "step"
 
 
