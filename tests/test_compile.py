@@ -9,9 +9,9 @@ import funcsam
 from helpers import assert_trees_close, bn_convnet, classification_batches, params_and_buffers
 
 
-def _train(step_fn, model, batches, lrs, rhos, loss_scale=None):
+def _train(step_fn, model, batches, lrs, rhos, loss_scale=None, memory_format=None):
     params, buffers = params_and_buffers(model)
-    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, memory_format=memory_format)
     state = funcsam.init_momentum(params)
     for batch, lr, rho in zip(batches, lrs, rhos):
         out = step_fn(params, buffers, batch, loss_fn, torch.tensor(rho), torch.tensor(lr), state,
@@ -42,6 +42,21 @@ def test_compiled_sam_step_equals_eager_after_three_steps():
     assert_trees_close(compiled[0], eager[0], atol=1e-5)
     assert_trees_close(compiled[1], eager[1], atol=1e-5)
     assert_trees_close(compiled[2].momentum_buffer, eager[2].momentum_buffer, atol=1e-5)
+
+
+def test_loss_fn_computing_in_channels_last_compiles_whole_and_equals_eager():
+    """make_loss_fn(memory_format=) is for the step compiled whole: one frame, no graph break, the
+    eager numbers (the graph run by dynamo's counting backend; inductor's layout is bench's matter)."""
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    step = torch.compile(funcsam.sam_step, backend=counter, fullgraph=True)
+    model, batches = bn_convnet(), classification_batches(3, 4, (3, 6, 6))
+    lrs, rhos = [0.1, 0.05, 0.02], [0.05, 0.1, 0.2]
+    compiled = _train(step, model, batches, lrs, rhos, memory_format=torch.channels_last)
+    eager = _train(funcsam.sam_step, model, batches, lrs, rhos)
+    assert counter.frame_count == 1
+    assert_trees_close(compiled[0], eager[0], atol=1e-5)
+    assert_trees_close(compiled[1], eager[1], atol=1e-5)
 
 
 def test_model_without_buffers_compiles():
