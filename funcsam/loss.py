@@ -31,6 +31,16 @@ def make_loss_fn(
         autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), the forward and the
             criterion run under ``torch.autocast`` on the inputs' device type. fp32 parameters
             still get fp32 gradients. fp16 needs loss scaling (``funcsam.init_loss_scale``).
+        memory_format: if given (``torch.channels_last`` or ``torch.channels_last_3d``), the forward
+            computes in that layout whatever layout the caller stores: every parameter and input of
+            its rank (4-D, resp. 5-D) is copied into it first (``Tensor.contiguous(memory_format=)``,
+            differentiable, so the gradients of the stored parameters are unchanged in value and
+            the parameters keep their layout). Meant for a step compiled whole over contiguous
+            (NCHW) storage: there inductor's layout choice for the convolutions does not reach the
+            backward half of a ``torch.func.grad`` graph, which then transposes every activation;
+            computing in channels_last removes that (a ResNet-20 gradient on the CPU: 457 -> 337 ms).
+            Storing the model and inputs channels_last (``model.to(memory_format=
+            torch.channels_last)``) is faster still (293 ms) and needs no copy.
 
     ``batch`` is ``(inputs, targets)``. ``new_buffers`` holds the buffers after the forward pass
     (BatchNorm running statistics updated in training mode); the dict passed in is left untouched,
@@ -72,7 +82,7 @@ def check_memory_format(memory_format: torch.memory_format | None) -> int | None
     or None for None; anything else is a ValueError."""
     if memory_format is None:
         return None
-    if memory_format not in _LAYOUT_RANKS:
+    if not any(memory_format is known for known in _LAYOUT_RANKS):
         raise ValueError(f"memory_format must be None, torch.channels_last or torch.channels_last_3d, got "
                          f"{memory_format!r}; leave it None to compute in the layout the tensors are stored in")
     return _LAYOUT_RANKS[memory_format]

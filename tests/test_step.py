@@ -231,7 +231,7 @@ def test_make_loss_fn_rejects_bad_arguments():
         funcsam.make_loss_fn(lambda x: x, F.cross_entropy)
     with pytest.raises(TypeError, match="criterion"):
         funcsam.make_loss_fn(mlp(), "cross_entropy")
-    for bad in (torch.preserve_format, torch.contiguous_format, "channels_last"):
+    for bad in (torch.preserve_format, torch.contiguous_format, "channels_last", [4]):
         with pytest.raises(ValueError, match="memory_format must be None, torch.channels_last"):
             funcsam.make_loss_fn(mlp(), F.cross_entropy, memory_format=bad)
 
