@@ -30,7 +30,7 @@ from .adapter_modes import (
 from .clipping import clip_by_global_norm
 from .hyperparameters import check_sam_options, check_scalar, is_static_zero
 from .perturbation import ascent_direction, sam_perturbation
-from .policy import adaptive_statistics
+from .modes.aesam import adaptive_statistics
 from .tree import Tensor, clone_all, global_norm, select
 
 

@@ -35,7 +35,8 @@ from typing import Any
 
 from .hyperparameters import check_scalar
 from .modes import Every, Late, every, gsam_direction, late, looksam_estimate, orthogonal_part
-from .policy import check_delta, check_int, is_finite_number, linear_threshold
+from .hyperparameters import check_int, is_finite_number
+from .modes.aesam import check_delta, linear_threshold
 from .tree import Tensor, global_norm
 
 __all__ = ["AESAM", "GSAM", "MSAM", "LookSAM", "cheap_step_gradient", "check_mode", "check_two_halves",

@@ -82,6 +82,14 @@ class SGD:
         check_params(params)
         return MomentumState(momentum_buffer=_zeros_like_tree(params), count=_zero_count(params))
 
+    @property
+    def has_momentum(self) -> bool:
+        return self.momentum != 0
+
+    def momentum_of(self, state: MomentumState) -> list:
+        """The momentum buffers of a flat state: the direction MSAM perturbs along."""
+        return state.momentum_buffer
+
     def update(self, params: list, grads: list, state: MomentumState, lr) -> tuple[list, MomentumState]:
         """``(new_params, new_state)`` over flat lists (``state`` as from :func:`flatten_state`)."""
         direction, buffers = sgd_direction(
@@ -114,6 +122,12 @@ class Adam:
             max_exp_avg_sq=_zeros_like_tree(params) if self.amsgrad else None,
             count=_zero_count(params),
         )
+
+    has_momentum = True
+
+    def momentum_of(self, state: AdamState) -> list:
+        """The first moments of a flat state: the direction MSAM perturbs along."""
+        return state.exp_avg
 
     def update(self, params: list, grads: list, state: AdamState, lr) -> tuple[list, AdamState]:
         """``(new_params, new_state)`` over flat lists (``state`` as from :func:`flatten_state`)."""

@@ -35,7 +35,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from .batching import shard_batch
-from .step import GradReduce
+from .options import GradReduce
 from .tree import Tensor
 
 

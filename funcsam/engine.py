@@ -1,14 +1,18 @@
-"""The one SAM engine behind every pure step: plain, accumulated, m-sharpness, data-parallel.
+"""The one SAM pipeline behind every pure step: any mode, any gradient source, any base optimizer.
 
-The steps differ only in how they obtain the two gradients; the rest is written once here::
+Written once, here; the mode (:mod:`funcsam.modes`) and the source (:mod:`funcsam.sources`) are
+the two plugs, and the optimizers call the same mode hooks::
 
-    setup = prepare_step(params, loss_fn, rho, lr, state, base, options)     validate, flatten once
-    g, (loss, new_buffers, aux) = <first gradient at w>                      one batch, micro-batches, parts
-    sam = sam_gradient(setup, g, gradient_at)                                reduce, unscale, perturb, g(w + e)
-    out = finish_step(setup, sam, buffers, new_buffers, loss, aux)           clip, base update, skip if non-finite
+    setup  = prepare_step(params, loss_fn, rho, lr, base_state, base, options, loss_scale)
+    point  = w, or w - rho * m / ||m|| where the mode ascends along the momentum (MSAM)
+    first  = source.first_pass(gradient, point, buffers, batch)          units g_k, loss, buffers, aux
+    SAM step:   g_k reduced (sam_sync global) and unscaled, e_k = perturb(g_k),
+                g_sam = source.second_pass(gradient, w, e_k, ...), reduced and unscaled
+    base step:  g = mean_k g_k, reduced and unscaled
+    d, s   = mode.direction(gradients, s);  s = mode.observe(...)
+    out    = finish_step(setup, d, finite, ...)                          clip, base update, skip if non-finite
 
-``gradient_fn`` builds the differentiated loss (with loss scaling); the m-sharpness step perturbs each
-part itself with :func:`perturb` and joins at :func:`finish_step`.
+Every norm and dot product over the parameter tree goes through :mod:`funcsam.tree`'s reductions.
 """
 
 from __future__ import annotations
@@ -20,12 +24,15 @@ import torch
 
 from .base import BaseOptimizer, check_base, check_params, flatten_state, select_state, sgd, unflatten_state
 from .clipping import clip_by_global_norm
-from .hyperparameters import check_sam_hyperparameters, is_static_zero
+from .hyperparameters import check_scalar, is_static_zero
 from .loss_scale import LossScaleState, update_loss_scale
+from .modes.protocol import Mode, StepGradients
+from .options import GradReduce, SAMOptions, check_options
 from .perturbation import perturbation_and_norm
-from .tree import PyTree, Tensor, flatten, global_norm, same_structure, select, traced_or_transformed, unflatten
+from .sam_on import perturb_mask_leaves
+from .tree import PyTree, Tensor, flatten, global_norm, mean_of, same_structure, select, traced_or_transformed, unflatten
 
-GradReduce = Callable[[list], list]
+__all__ = ["SAMStepOutput", "StepSetup", "prepare_step", "run_pipeline"]
 
 
 class SAMStepOutput(NamedTuple):
@@ -33,12 +40,14 @@ class SAMStepOutput(NamedTuple):
 
     Fields:
         params: the new parameters (the old ones if the step was skipped).
-        buffers: the buffers after the unperturbed pass (the old ones if skipped).
-        momentum_state: the base optimizer's new state (``MomentumState`` for SGD, ``AdamState`` for Adam(W)).
-        loss: 0-dim fp32, the loss at w (unscaled), from the first pass.
-        aux: the ``aux`` output of ``loss_fn`` at w (the logits for ``make_loss_fn``).
+        buffers: the buffers after the first pass (the old ones if skipped).
+        momentum_state: the step's new state: the base optimizer's (``MomentumState``, ``AdamState``),
+            wrapped with the mode's own where it has one (``LookSAMState``, ``AdaptiveState``).
+        loss: 0-dim fp32, the loss of the first pass (unscaled): at w, or at MSAM's one point.
+        aux: the ``aux`` output of ``loss_fn`` from the first pass (the logits for ``make_loss_fn``).
         finite: 0-dim bool; False means the loss or a gradient was non-finite and the step was skipped.
-        grad_norm: 0-dim fp32, ||g|| of the first gradient (||T g|| for ASAM), after unscaling.
+        grad_norm: 0-dim fp32, ||g|| of the first gradient (||T g|| for ASAM, ||g_N|| for SAM-ON,
+            the mean over parts for m-sharpness), after unscaling.
         loss_scale: the new :class:`LossScaleState`, or None when no loss scaling was asked for.
     """
 
@@ -52,23 +61,8 @@ class SAMStepOutput(NamedTuple):
     loss_scale: LossScaleState | None
 
 
-class SAMOptions(NamedTuple):
-    """The SAM-side options every step takes (the base optimizer's hyperparameters live in ``base``)."""
-
-    adaptive: bool = False
-    eta: float = 0.0
-    eps: float = 1e-12
-    max_grad_norm: float | None = None
-    loss_scale: LossScaleState | None = None
-    grad_reduce: GradReduce | None = None
-    sam_sync: str = "global"
-    # SAM-ON (funcsam.sam_on): one Python bool per parameter leaf, in optree order; False leaves are
-    # not perturbed and stay out of the norm. None perturbs every leaf.
-    perturb_mask: tuple[bool, ...] | None = None
-
-
 class StepSetup(NamedTuple):
-    """A step's validated inputs, flattened once: what the engine's parts share."""
+    """A step's validated inputs, flattened once: what the pipeline's parts share."""
 
     leaves: list  # the parameters, detached, in optree order
     spec: Any  # the treespec that rebuilds params (and every per-parameter state field)
@@ -76,16 +70,139 @@ class StepSetup(NamedTuple):
     base: BaseOptimizer
     rho: float | Tensor
     lr: float | Tensor
-    options: SAMOptions
+    options: SAMOptions  # perturb_mask as one Python bool per leaf (or None)
+    loss_scale: LossScaleState | None
 
 
-class SAMGradient(NamedTuple):
-    """The gradient the base optimizer applies, and the verdict on the step."""
+class PassResult(NamedTuple):
+    """The gradients a mode sees, the step's reported norm and its verdict."""
 
-    grads: list  # g_sam (or g when rho is the number 0), reduced and unscaled
-    grad_norm: Tensor  # ||g|| (||T g|| for ASAM)
-    finite: Tensor  # 0-dim bool: every gradient involved was finite
-    first_grads: list | None = None  # g, reduced and unscaled (the same list as grads when rho is the number 0)
+    gradients: StepGradients
+    grad_norm: Tensor
+    finite: Tensor
+
+
+def resolve_options(options: SAMOptions | None, **shorthand) -> SAMOptions:
+    """``options``, or ``SAMOptions(...)`` built from the keywords a step was given (None = not given)."""
+    given = {name: value for name, value in shorthand.items() if value is not None}
+    if options is None:
+        return check_options(SAMOptions(**given))
+    if given:
+        raise ValueError(f"{', '.join(sorted(given))} given together with options=: put them in the options, "
+                         f"e.g. options=options._replace({', '.join(f'{k}={v!r:.20}' for k, v in given.items())})")
+    return check_options(options)
+
+
+def prepare_step(params: PyTree, loss_fn: Callable, rho, lr, base_state, base: BaseOptimizer,
+                 options: SAMOptions, loss_scale: LossScaleState | None = None) -> StepSetup:
+    """Validate a step's inputs (raising with the argument's name and the fix) and flatten them once."""
+    check_scalar("lr", lr, allow_tensor=True)
+    check_scalar("rho", rho, allow_tensor=True)
+    check_options(options)
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(params, buffers, batch), got {loss_fn!r}")
+    if loss_scale is not None and not isinstance(loss_scale, LossScaleState):
+        raise TypeError(f"loss_scale must be a funcsam.LossScaleState (from funcsam.init_loss_scale()) or None, "
+                        f"got {type(loss_scale).__name__} {loss_scale!r}")
+    check_params(params)
+    options = options._replace(perturb_mask=perturb_mask_leaves(options.perturb_mask, params))
+    leaves, spec = flatten(params)
+    # Detached: parameters straight from named_parameters() would otherwise chain every step's
+    # update into one autograd graph that lives as long as the parameters do.
+    leaves = [leaf.detach() for leaf in leaves]
+    state = flatten_state(base, base_state, params, spec, leaves)
+    return StepSetup(leaves, spec, state, base, rho, lr, options, loss_scale)
+
+
+def run_pipeline(setup: StepSetup, mode: Mode, source: Any, own: Any, loss_fn: Callable, buffers: PyTree,
+                 batch: Any, take_sam: bool) -> tuple[SAMStepOutput, Any]:
+    """One step of ``mode`` over ``source``: ``(output with the base state, the mode's own state after)``."""
+    gradient = gradient_fn(loss_fn, setup)
+    perturbs = take_sam and not is_static_zero(setup.rho)
+    point = setup.leaves
+    if perturbs and mode.ascent == "momentum":
+        ascent, _ = perturb(setup, setup.base.momentum_of(setup.state))
+        point = torch._foreach_sub(setup.leaves, ascent)
+    first = source.first_pass(gradient, point, buffers, batch)
+    if perturbs and mode.ascent == "gradient":
+        result = two_pass_gradients(setup, mode, source, first.units, gradient, buffers, batch)
+    else:
+        result = one_pass_gradients(setup, first.units)
+    finite = result.finite & torch.isfinite(first.loss)
+    grads, own_after = mode.direction(result.gradients, own, setup.options.eps)
+    own_after = mode.observe(own, own_after, result.gradients, finite)
+    out = finish_step(setup, grads, finite, result.grad_norm, buffers, first.new_buffers, first.loss, first.aux)
+    return out, own_after
+
+
+def one_pass_gradients(setup: StepSetup, units: list) -> PassResult:
+    """A step's single pass (the base step, MSAM's pass at w + e): g = the units' mean, reduced and unscaled."""
+    grads = units[0] if len(units) == 1 else mean_of(units)
+    if setup.options.grad_reduce is not None:
+        grads = reduce_gradients(setup.options.grad_reduce, grads)
+    grads = unscale(grads, setup.loss_scale)
+    grad_norm = global_norm(grads)
+    return PassResult(StepGradients(grads, None, grad_norm), grad_norm, torch.isfinite(grad_norm))
+
+
+def two_pass_gradients(setup: StepSetup, mode: Mode, source: Any, units: list, gradient: Callable,
+                       buffers: PyTree, batch: Any) -> PassResult:
+    """From the first pass's units to the SAM gradient: each unit perturbs with its own (reduced,
+    under ``sam_sync="global"``) gradient, and the second pass's gradient is reduced across replicas.
+
+    Under ``sam_sync="local"`` or m-sharpness with ``grad_reduce``, a replica whose first gradient
+    overflowed poisons the reduced SAM gradient, so every replica skips alike; a mode that uses g
+    then gets it reduced too (one more all-reduce, of the first gradient)."""
+    options, loss_scale = setup.options, setup.loss_scale
+    reduce = options.grad_reduce
+    local = source.local or options.sam_sync == "local"
+    if reduce is not None and not local:
+        units = [reduce_gradients(reduce, grads) for grads in units]
+    units = [unscale(grads, loss_scale) for grads in units]
+    perturbations, norms = zip(*[perturb(setup, grads) for grads in units])
+    norms = torch.stack(norms)
+    sam_grads = source.second_pass(gradient, setup.leaves, list(perturbations), buffers, batch)
+    if reduce is not None:
+        if local:  # norms.sum() is non-finite exactly when some unit's norm is
+            sam_grads = spread_non_finite(sam_grads, norms.sum())
+        sam_grads = reduce_gradients(reduce, sam_grads)
+    sam_grads = unscale(sam_grads, loss_scale)
+    finite = torch.isfinite(norms).all() & torch.isfinite(global_norm(sam_grads))
+
+    first_grads, first_norm = None, None
+    if mode.uses_first_gradient:
+        first_grads = units[0] if len(units) == 1 else mean_of(units)
+        if reduce is not None and local:
+            first_grads = reduce_gradients(reduce, first_grads)
+        plain = not options.adaptive and (options.perturb_mask is None or all(options.perturb_mask))
+        if plain and len(units) == 1 and not (reduce is not None and local):
+            first_norm = norms[0]  # perturb's norm is ||g|| itself: no second reduction
+    return PassResult(StepGradients(first_grads, sam_grads, first_norm), norms.mean(), finite)
+
+
+def finish_step(setup: StepSetup, grads: list, finite: Tensor, grad_norm: Tensor, buffers: PyTree,
+                new_buffers: PyTree, loss: Tensor, aux: Any) -> SAMStepOutput:
+    """The descent half of every SAM step: clip, base update, and keep the old params, buffers and
+    state (``finite`` False, the loss scale backing off) when the loss or a gradient was non-finite."""
+    if setup.options.max_grad_norm is not None:
+        grads, _ = clip_by_global_norm(grads, setup.options.max_grad_norm)
+    stepped, stepped_state = setup.base.update(setup.leaves, grads, setup.state, setup.lr)
+
+    old_buffer_leaves, buffer_spec = flatten(buffers)
+    new_buffer_leaves, new_buffer_spec = flatten(new_buffers)
+    if not same_structure(new_buffer_spec, buffer_spec):
+        raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
+    loss_scale = setup.loss_scale
+    return SAMStepOutput(
+        params=unflatten(setup.spec, select(finite, stepped, setup.leaves)),
+        buffers=unflatten(buffer_spec, select(finite, new_buffer_leaves, old_buffer_leaves)),
+        momentum_state=unflatten_state(setup.spec, select_state(finite, stepped_state, setup.state)),
+        loss=loss,
+        aux=aux,
+        finite=finite,
+        grad_norm=grad_norm,
+        loss_scale=None if loss_scale is None else update_loss_scale(loss_scale, finite),
+    )
 
 
 def resolve_base(base: BaseOptimizer | None, **sgd_shorthand) -> BaseOptimizer:
@@ -102,35 +219,6 @@ def resolve_base(base: BaseOptimizer | None, **sgd_shorthand) -> BaseOptimizer:
     return base
 
 
-def prepare_step(params: PyTree, loss_fn: Callable, rho, lr, momentum_state, base: BaseOptimizer,
-                 options: SAMOptions) -> StepSetup:
-    """Validate a step's inputs (raising with the argument's name and the fix) and flatten them once."""
-    check_sam_hyperparameters(lr=lr, rho=rho, eta=options.eta, eps=options.eps, max_grad_norm=options.max_grad_norm)
-    if not callable(loss_fn):
-        raise TypeError(f"loss_fn must be callable as loss_fn(params, buffers, batch), got {loss_fn!r}")
-    if options.sam_sync not in ("global", "local"):
-        raise ValueError(f"sam_sync must be 'global' or 'local', got {options.sam_sync!r}")
-    if options.loss_scale is not None and not isinstance(options.loss_scale, LossScaleState):
-        raise TypeError(f"loss_scale must be a funcsam.LossScaleState (from funcsam.init_loss_scale()) or None, "
-                        f"got {type(options.loss_scale).__name__} {options.loss_scale!r}")
-    if options.grad_reduce is not None and not callable(options.grad_reduce):
-        raise TypeError(f"grad_reduce must be a function list[Tensor] -> list[Tensor] or None, got {options.grad_reduce!r}")
-    check_params(params)
-    leaves, spec = flatten(params)
-    # Detached: parameters straight from named_parameters() would otherwise chain every step's
-    # update into one autograd graph that lives as long as the parameters do.
-    leaves = [leaf.detach() for leaf in leaves]
-    state = flatten_state(base, momentum_state, params, spec, leaves)
-    return StepSetup(leaves, spec, state, base, rho, lr, options)
-
-
-def check_batch(batch: Any, what: str = "batch") -> None:
-    """An empty batch would give a NaN mean loss with zero gradients: refuse it by name."""
-    for leaf in flatten(batch)[0]:
-        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == 0:
-            raise ValueError(f"{what} is empty (a tensor of shape {tuple(leaf.shape)}): every step needs at least one example")
-
-
 def gradient_fn(loss_fn: Callable, setup: StepSetup):
     """``(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux))``, the loss scaled if asked.
 
@@ -141,7 +229,7 @@ def gradient_fn(loss_fn: Callable, setup: StepSetup):
     spec = setup.spec
     # The scale enters the differentiated function as an argument, not through its closure: Dynamo
     # in torch 2.11 fails on a tensor closed over inside torch.func.grad.
-    scale = None if setup.options.loss_scale is None else setup.options.loss_scale.scale
+    scale = None if setup.loss_scale is None else setup.loss_scale.scale
 
     def scaled_loss(leaves, buffers, batch, scale):
         loss, new_buffers, aux = unpack_loss_fn_output(loss_fn(unflatten(spec, leaves), buffers, batch))
@@ -255,65 +343,3 @@ def perturb(setup: StepSetup, grads: list) -> tuple[list, Tensor]:
     for index, e in zip(kept, kept_e):
         perturbation[index] = e
     return perturbation, norm
-
-
-def one_pass_gradient(setup: StepSetup, grads: list) -> SAMGradient:
-    """The (scaled, unreduced) gradient of a step's single pass, reduced and unscaled, with its norm
-    and verdict: what the base step (rho = 0), MSAM and LookSAM's cheap steps apply or build on."""
-    if setup.options.grad_reduce is not None:
-        grads = reduce_gradients(setup.options.grad_reduce, grads)
-    grads = unscale(grads, setup.options.loss_scale)
-    grad_norm = global_norm(grads)
-    return SAMGradient(grads, grad_norm, torch.isfinite(grad_norm), grads)
-
-
-def sam_gradient(setup: StepSetup, grads: list, gradient_at: Callable[[list], list]) -> SAMGradient:
-    """From the (scaled, unreduced) first gradient to the SAM gradient.
-
-    Reduces and unscales ``grads``, perturbs the parameters by e, and takes the second gradient with
-    ``gradient_at(w + e)`` (scaled, unreduced; one batch, or accumulated over micro-batches), which
-    it reduces and unscales in turn. With the Python number ``rho == 0`` the first gradient is the
-    one applied, so it is reduced under either sync and no second gradient is taken.
-    """
-    if is_static_zero(setup.rho):
-        return one_pass_gradient(setup, grads)
-    options = setup.options
-    reduce, loss_scale = options.grad_reduce, options.loss_scale
-    if reduce is not None and options.sam_sync == "global":
-        grads = reduce_gradients(reduce, grads)
-    grads = unscale(grads, loss_scale)
-    perturbation, grad_norm = perturb(setup, grads)
-    sam_grads = gradient_at(torch._foreach_add(setup.leaves, perturbation))
-    if reduce is not None:
-        if options.sam_sync == "local":
-            sam_grads = spread_non_finite(sam_grads, grad_norm)
-        sam_grads = reduce_gradients(reduce, sam_grads)
-    sam_grads = unscale(sam_grads, loss_scale)
-    return SAMGradient(sam_grads, grad_norm, torch.isfinite(grad_norm) & torch.isfinite(global_norm(sam_grads)), grads)
-
-
-def finish_step(setup: StepSetup, sam: SAMGradient, buffers: PyTree, new_buffers: PyTree, loss: Tensor,
-                aux: Any) -> SAMStepOutput:
-    """The descent half of every SAM step: clip, base update, and keep the old params, buffers and
-    state (``finite`` False, the loss scale backing off) when the loss or a gradient was non-finite."""
-    finite = sam.finite & torch.isfinite(loss)
-    grads = sam.grads
-    if setup.options.max_grad_norm is not None:
-        grads, _ = clip_by_global_norm(grads, setup.options.max_grad_norm)
-    stepped, stepped_state = setup.base.update(setup.leaves, grads, setup.state, setup.lr)
-
-    old_buffer_leaves, buffer_spec = flatten(buffers)
-    new_buffer_leaves, new_buffer_spec = flatten(new_buffers)
-    if not same_structure(new_buffer_spec, buffer_spec):
-        raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
-    loss_scale = setup.options.loss_scale
-    return SAMStepOutput(
-        params=unflatten(setup.spec, select(finite, stepped, setup.leaves)),
-        buffers=unflatten(buffer_spec, select(finite, new_buffer_leaves, old_buffer_leaves)),
-        momentum_state=unflatten_state(setup.spec, select_state(finite, stepped_state, setup.state)),
-        loss=loss,
-        aux=aux,
-        finite=finite,
-        grad_norm=sam.grad_norm,
-        loss_scale=None if loss_scale is None else update_loss_scale(loss_scale, finite),
-    )

@@ -75,3 +75,17 @@ def is_static_zero(value) -> bool:
     """True for a Python number equal to 0: rho given this way means plain SGD, one pass. (Under
     torch.compile a symbolic number is compared too: the graph is specialised on the answer.)"""
     return (_is_number(value) or _is_symbolic(value)) and bool(value == 0)
+
+
+def is_finite_number(value) -> bool:
+    """A real Python number that is neither inf nor NaN (value - value is 0 exactly for those)."""
+    return _is_number(value) and value - value == 0
+
+
+def check_int(name: str, value, *, minimum: int, meaning: str = "") -> None:
+    """``value`` must be a Python int >= ``minimum``; TypeError or ValueError naming ``name`` (and what it means)."""
+    why = f" ({meaning})" if meaning else ""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int{why}, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}{why}, got {value}")

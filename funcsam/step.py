@@ -17,8 +17,19 @@ Usage::
     out = funcsam.sam_step(params, buffers, (x, y), loss_fn, rho=0.05, lr=0.1, momentum_state=state, base=base)
     params, buffers, state = out.params, out.buffers, out.momentum_state
 
+Every mode and gradient source runs through this one step::
+
+    mode  = funcsam.LookSAM(k=5, alpha=0.7)                          # or every(k), late(s), MSAM(), GSAM(a), AESAM(T)
+    state = mode.init_state(base, params)                            # the base's state, with the mode's own
+    for t, batch in enumerate(batches):
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, base=base, mode=mode,
+                               take_sam=mode.takes_sam(t, state),    # host side: one graph per branch
+                               source=funcsam.MicroBatches())        # or MSharpness(m); batch is then a list
+        params, buffers, state = out.params, out.buffers, out.momentum_state
+
 The SGD keywords (``momentum=0.9, weight_decay=5e-4``, with ``funcsam.init_momentum(params)``) are
-a shorthand for ``base=funcsam.sgd(...)``.
+a shorthand for ``base=funcsam.sgd(...)``, and the option keywords (``adaptive=True``,
+``max_grad_norm=1.0``, ...) one for ``options=funcsam.SAMOptions(...)``.
 """
 
 from __future__ import annotations
@@ -26,15 +37,14 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from .base import BaseOptimizer, MomentumState, sgd
-from .engine import (
-    GradReduce, SAMOptions, SAMStepOutput, check_batch, finish_step, gradient_fn, prepare_step, resolve_base,
-    sam_gradient,
-)
+from .engine import SAMStepOutput, prepare_step, resolve_base, resolve_options, run_pipeline
 from .loss_scale import LossScaleState
-from .sam_on import perturb_mask_leaves
+from .modes.protocol import Mode, check_mode
+from .options import GradReduce, SAMOptions
+from .sources import check_source
 from .tree import PyTree, Tensor
 
-__all__ = ["GradReduce", "MomentumState", "SAMStepOutput", "init_momentum", "sam_step"]
+__all__ = ["MomentumState", "SAMStepOutput", "init_momentum", "sam_step"]
 
 
 def init_momentum(params: PyTree) -> MomentumState:
@@ -52,17 +62,21 @@ def sam_step(
     momentum_state: Any,
     *,
     base: BaseOptimizer | None = None,
+    mode: Mode | None = None,
+    take_sam: bool = True,
+    source: Any = None,
+    options: SAMOptions | None = None,
+    loss_scale: LossScaleState | None = None,
     momentum: float | None = None,
     dampening: float | None = None,
     weight_decay: float | None = None,
     nesterov: bool | None = None,
-    adaptive: bool = False,
-    eta: float = 0.0,
-    eps: float = 1e-12,
+    adaptive: bool | None = None,
+    eta: float | None = None,
+    eps: float | None = None,
     max_grad_norm: float | None = None,
-    loss_scale: LossScaleState | None = None,
     grad_reduce: GradReduce | None = None,
-    sam_sync: str = "global",
+    sam_sync: str | None = None,
     perturb_mask: PyTree | None = None,
 ) -> SAMStepOutput:
     """One SAM step. Pure: returns new params, buffers and state; mutates nothing it was given.
@@ -70,49 +84,55 @@ def sam_step(
     Args:
         params: pytree of floating tensors (e.g. a dict from ``named_parameters()``, detached).
         buffers: pytree passed to ``loss_fn`` unchanged (e.g. BatchNorm running statistics).
-        batch: anything ``loss_fn`` takes, e.g. ``(inputs, targets)``.
+        batch: anything ``loss_fn`` takes, e.g. ``(inputs, targets)``; with
+            ``source=funcsam.MicroBatches()`` a list of such batches.
         loss_fn: ``loss_fn(params, buffers, batch) -> (loss, (new_buffers, aux))`` with a 0-dim loss;
             :func:`funcsam.make_loss_fn` builds one from a module.
         rho: neighbourhood radius >= 0, a float or a 0-dim tensor (tensors do not recompile when
-            they change under torch.compile). The Python number 0 gives plain SGD in one pass.
+            they change under torch.compile). The Python number 0 gives the base step in one pass.
         lr: learning rate >= 0, a float or a 0-dim tensor.
-        momentum_state: the base optimizer's state, from ``base.init(params)`` (:func:`init_momentum`
-            for the SGD shorthand) or a previous step.
+        momentum_state: the step's state, from ``mode.init_state(base, params)`` (``base.init(params)``
+            for modes without state of their own; :func:`init_momentum` for the SGD shorthand) or a
+            previous step.
         base: the base optimizer that applies the SAM gradient: ``funcsam.sgd(...)``, ``funcsam.adam(...)``,
             ``funcsam.adamw(...)``. Default: SGD built from the shorthand keywords below.
+        mode: how the step spends its second pass (:mod:`funcsam.modes`): None (SAM), ``funcsam.every(k)``,
+            ``funcsam.late(s)``, ``funcsam.LookSAM(k, alpha)``, ``funcsam.MSAM()``, ``funcsam.GSAM(alpha)``,
+            ``funcsam.AESAM(total_steps)``.
+        take_sam: a Python bool: whether this step takes the SAM gradient (True) or the mode's
+            one-pass step (the base step; LookSAM's estimate). Follow the mode with
+            ``take_sam=mode.takes_sam(step, state)``, decided on the host so that a compiled step has
+            one graph per value. MSAM's one pass at w + e counts as its SAM step.
+        source: where the gradients come from (:mod:`funcsam.sources`): None (the batch),
+            ``funcsam.MicroBatches()`` (accumulation over a list of micro-batches) or
+            ``funcsam.MSharpness(m)`` (each of m parts perturbs with its own gradient).
+        options: a :class:`funcsam.SAMOptions` (ASAM, eps, clipping, data parallelism, SAM-ON); or
+            its fields as the keywords ``adaptive, eta, eps, max_grad_norm, grad_reduce, sam_sync,
+            perturb_mask`` (not both).
+        loss_scale: a :class:`LossScaleState` for fp16 dynamic loss scaling (state, carried from
+            step to step): both passes are scaled, the gradients unscaled, an overflow skips the
+            step and backs the scale off.
         momentum, dampening, weight_decay, nesterov: shorthand for ``base=funcsam.sgd(...)`` (each
             defaults to 0 / False), torch.optim.SGD's with its exact semantics; weight decay is added
             to the SAM gradient with the unperturbed weights. Passing any of them with ``base`` is an error.
-        adaptive: ASAM's scale-invariant perturbation, ``T = |w| + eta``.
-        eps: added to the gradient norm; a zero gradient gives e = 0.
-        max_grad_norm: if given, the SAM gradient is clipped to this global norm before the update.
-        loss_scale: a :class:`LossScaleState` for fp16 dynamic loss scaling: both passes are scaled,
-            the gradients unscaled, an overflow skips the step and backs the scale off.
-        grad_reduce: a function on the flat gradient list (e.g. an all-reduce mean across data-parallel
-            replicas, :func:`funcsam.distributed.all_reduce_mean`). Called on the SAM gradient, and on
-            the first gradient too when ``sam_sync == "global"``.
-        sam_sync: ``"global"`` (the perturbation from the averaged gradient; identical to one process
-            on the whole batch) or ``"local"`` (each replica perturbs with its own gradient:
-            m-sharpness with m = the per-replica batch; a non-finite first gradient on any replica
-            skips the step on all of them). Only matters with ``grad_reduce``.
-        perturb_mask: SAM-ON (:mod:`funcsam.sam_on`): a pytree of Python bools shaped like ``params``
-            (``funcsam.sam_on.norm_layer_mask(model)``). Only the True leaves are perturbed, by
-            e_N = rho * g_N / (||g_N|| + eps), and ``grad_norm`` is ||g_N||; every leaf descends with
-            g_sam. None (default) perturbs every leaf.
 
     Returns:
         :class:`SAMStepOutput`. When the loss or a gradient (either pass) is non-finite, params,
-        buffers and the base optimizer's state come back unchanged, ``finite`` is False and the loss
-        scale backs off. Params that require grad are detached: the step records no autograd graph.
+        buffers and the state come back unchanged, ``finite`` is False and the loss scale backs off.
+        Params that require grad are detached: the step records no autograd graph.
     """
-    setup = prepare_step(
-        params, loss_fn, rho, lr, momentum_state,
-        resolve_base(base, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov),
-        SAMOptions(adaptive, eta, eps, max_grad_norm, loss_scale, grad_reduce, sam_sync,
-                   perturb_mask_leaves(perturb_mask, params)),
-    )
-    check_batch(batch)
-    gradient = gradient_fn(loss_fn, setup)
-    grads, (loss, new_buffers, aux) = gradient(setup.leaves, buffers, batch)
-    sam = sam_gradient(setup, grads, lambda perturbed: gradient(perturbed, buffers, batch)[0])
-    return finish_step(setup, sam, buffers, new_buffers, loss, aux)
+    if not isinstance(take_sam, bool):
+        raise TypeError(f"take_sam must be a Python bool decided on the host, e.g. take_sam=mode.takes_sam(step, "
+                        f"state); got {type(take_sam).__name__} {take_sam!r:.40}")
+    mode, source = check_mode(mode), check_source(source)
+    base = resolve_base(base, momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov)
+    options = resolve_options(options, adaptive=adaptive, eta=eta, eps=eps, max_grad_norm=max_grad_norm,
+                              grad_reduce=grad_reduce, sam_sync=sam_sync, perturb_mask=perturb_mask)
+    mode.check_momentum(base.has_momentum, "the SGD base with momentum=0")
+    setup = prepare_step(params, loss_fn, rho, lr, mode.base_state_of(momentum_state), base, options, loss_scale)
+    own = mode.own_state_of(momentum_state, setup.spec, setup.leaves)
+    source.check(batch)
+    out, own = run_pipeline(setup, mode, source, own, loss_fn, buffers, batch, take_sam)
+    # Built field by field: torch 2.11 compiles NamedTuple._replace into a malformed tuple.
+    return SAMStepOutput(out.params, out.buffers, mode.join_state(out.momentum_state, own, setup.spec), out.loss,
+                         out.aux, out.finite, out.grad_norm, out.loss_scale)

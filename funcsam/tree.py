@@ -1,4 +1,8 @@
-"""Pytree plumbing: flatten once at the boundary, do the math on flat leaf lists.
+"""Pytree plumbing and the reductions over it: flatten once at the boundary, math on flat leaf lists.
+
+Every reduction over the parameter tree that funcsam takes (||g||, ASAM's ||T g||, g . g_sam,
+the clipping norm, the finite verdict) goes through :func:`global_norm` and :func:`dot`, the one
+place a sharded version has to change.
 
 optree orders dict leaves by sorted key, so the treespec returned by :func:`flatten` is the one source
 of truth for leaf order; never zip leaves with ``module.parameters()``.
@@ -67,6 +71,11 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     of ``a`` is fp64), as :func:`global_norm`."""
     dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in a) else torch.float32
     return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()
+
+
+def mean_of(lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
+    """The leafwise mean of K aligned leaf lists: ``(1/K) sum_k x_k``."""
+    return [torch.stack(parts).mean(dim=0) for parts in zip(*lists)]
 
 
 def clone_all(tensors: Sequence[Tensor]) -> list[Tensor]:

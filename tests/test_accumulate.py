@@ -121,7 +121,7 @@ def test_bad_micro_batches_are_rejected_with_a_clear_error():
     batch = classification_batches(1, 10, (6,))[0]
     with pytest.raises(ValueError, match="batch size 10 is not divisible by the number of micro-batches 4"):
         funcsam.split_batch(batch, 4)
-    with pytest.raises(TypeError, match="micro_batches must be a list of batches"):
+    with pytest.raises(TypeError, match="must be a list of batches"):
         run_accumulated(model, [batch], lambda b: b, 0.05, 0.1)
     with pytest.raises(ValueError, match="micro_batches is empty"):
         run_accumulated(model, [batch], lambda b: [], 0.05, 0.1)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 import funcsam
-from funcsam import policy
-from funcsam.adapter_modes import AESAM
+
+from funcsam import AESAM
 from helpers import assert_trees_close, assert_trees_equal, classification_batches, mlp, params_and_buffers
 
 RHO, LR, MOMENTUM, WEIGHT_DECAY, DELTA = 0.1, 0.1, 0.9, 5e-4, 0.9
@@ -42,13 +42,13 @@ def functional(model, batches, total_steps=STEPS, delta=DELTA):
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     base = funcsam.sgd(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    state = policy.init_adaptive(base, params)
+    state = funcsam.init_adaptive(base, params)
     decisions = []
     for t, batch in enumerate(batches):
         take = bool(state.take_next)
         decisions.append(take)
-        out = policy.adaptive_sam_step(params, buffers, batch, loss_fn, RHO, LR, state, take_sam=take,
-                                       threshold=policy.linear_threshold(t, total_steps), delta=delta, base=base)
+        out = funcsam.adaptive_sam_step(params, buffers, batch, loss_fn, RHO, LR, state, take_sam=take,
+                                       threshold=funcsam.linear_threshold(t, total_steps), delta=delta, base=base)
         params, buffers, state = out.params, out.buffers, out.momentum_state
     return params, state, decisions
 
@@ -149,10 +149,10 @@ def test_delta_start_and_end_reach_the_rule():
     ref_params, ref_buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     base = funcsam.sgd(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    state, expected_decisions = policy.init_adaptive(base, ref_params), []
+    state, expected_decisions = funcsam.init_adaptive(base, ref_params), []
     for t, batch in enumerate(batches):
         expected_decisions.append(bool(state.take_next))
-        out = policy.adaptive_sam_step(ref_params, ref_buffers, batch, loss_fn, RHO, LR, state,
+        out = funcsam.adaptive_sam_step(ref_params, ref_buffers, batch, loss_fn, RHO, LR, state,
                                        take_sam=bool(state.take_next), threshold=0.5 - 2.5 * t / 20, delta=0.5,
                                        base=base)
         ref_params, ref_buffers, state = out.params, out.buffers, out.momentum_state
@@ -273,19 +273,19 @@ def test_another_modes_optimizer_ignores_the_statistics():
 
 def test_adaptive_statistics_is_the_rule():
     zero, no = torch.zeros(()), torch.zeros((), dtype=torch.int64)
-    mean, var, count, take = policy.adaptive_statistics(zero, zero, no, torch.tensor(True), torch.tensor(4.0),
+    mean, var, count, take = funcsam.modes.adaptive_statistics(zero, zero, no, torch.tensor(True), torch.tensor(4.0),
                                                         threshold=1.0, delta=0.5)
     assert (float(mean), float(var), int(count), bool(take)) == (4.0, 0.0, 1, True)  # the first n initialises
-    mean, var, count, take = policy.adaptive_statistics(mean, var, count, take, torch.tensor(2.0), threshold=0.0,
+    mean, var, count, take = funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(2.0), threshold=0.0,
                                                         delta=0.5)
     assert (float(mean), float(var), int(count), bool(take)) == (3.0, 0.5, 2, False)  # 2 < 3 + 0 * sqrt(0.5)
-    kept = policy.adaptive_statistics(mean, var, count, take, torch.tensor(100.0), threshold=0.0, delta=0.5,
+    kept = funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(100.0), threshold=0.0, delta=0.5,
                                       finite=torch.tensor(False))
     assert [float(x) for x in kept] == [3.0, 0.5, 2, False]
     with pytest.raises(ValueError, match=r"delta must be"):
-        policy.adaptive_statistics(mean, var, count, take, torch.tensor(1.0), threshold=0.0, delta=1.0)
+        funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(1.0), threshold=0.0, delta=1.0)
     with pytest.raises(ValueError, match=r"threshold"):
-        policy.adaptive_statistics(mean, var, count, take, torch.tensor(1.0), threshold=float("nan"), delta=0.5)
+        funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(1.0), threshold=float("nan"), delta=0.5)
 
 
 def test_threshold_moves_linearly_and_stays_at_end_past_total_steps():

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 import funcsam
 from funcsam import modes
-from funcsam.adapter_modes import GSAM, MSAM, LookSAM
+from funcsam import GSAM, MSAM, LookSAM
 from helpers import (
     adapter_steps, assert_trees_close, assert_trees_equal, bn_convnet, cartesian, classification_batches, mlp,
     params_and_buffers,
@@ -62,18 +62,18 @@ def functional(mode, model, batches, adapter, **options):
     base, lr = ADAPTERS[adapter][1](), ADAPTERS[adapter][2]
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    state = modes.init_looksam(base, params) if isinstance(mode, LookSAM) else base.init(params)
+    state = funcsam.init_looksam(base, params) if isinstance(mode, LookSAM) else base.init(params)
     for step, batch in enumerate(batches):
         args = (params, buffers, batch, loss_fn, RHO, lr, state)
         if isinstance(mode, LookSAM):
-            out = modes.looksam_step(*args, take_sam=modes.every(mode.k).takes_sam(step), alpha=mode.alpha,
+            out = funcsam.looksam_step(*args, take_sam=modes.every(mode.k).takes_sam(step), alpha=mode.alpha,
                                      base=base, **options)
         elif isinstance(mode, MSAM):
-            out = modes.msam_step(*args, base=base, **options)
+            out = funcsam.msam_step(*args, base=base, **options)
         elif isinstance(mode, GSAM):
-            out = modes.gsam_step(*args, alpha=mode.alpha, base=base, **options)
+            out = funcsam.gsam_step(*args, alpha=mode.alpha, base=base, **options)
         else:
-            out = modes.scheduled_sam_step(*args, step=step, schedule=mode or modes.every(1), base=base, **options)
+            out = funcsam.scheduled_sam_step(*args, step=step, schedule=mode or modes.every(1), base=base, **options)
         params, buffers, state = out.params, out.buffers, out.momentum_state
     return params, buffers, state
 

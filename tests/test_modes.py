@@ -160,7 +160,7 @@ def _sam_step_with_pattern(pattern):
 
 def _scheduled(schedule):
     def step(*args, index, **kwargs):
-        return modes.scheduled_sam_step(*args, step=index, schedule=schedule, **kwargs)
+        return funcsam.scheduled_sam_step(*args, step=index, schedule=schedule, **kwargs)
     return step
 
 
@@ -202,13 +202,13 @@ LOOKSAM_PATTERN = [False, True, False, False, True]
 
 
 def _looksam_state(base, params):
-    return modes.init_looksam(base, params)
+    return funcsam.init_looksam(base, params)
 
 
 @both_bases
 def test_looksam_matches_hand_written_reference(base_name):
     model, batches = mlp(), classification_batches(STEPS, 16, (6,))
-    params, state = _run(modes.looksam_step, model, batches, _looksam_state, base_name, take_sam=LOOKSAM_PATTERN,
+    params, state = _run(funcsam.looksam_step, model, batches, _looksam_state, base_name, take_sam=LOOKSAM_PATTERN,
                          alpha=0.7)
     expected_params, expected_g_v = reference_looksam(model, batches, LOOKSAM_PATTERN, base_name, alpha=0.7)
     tolerance = BASES[base_name][3]
@@ -222,7 +222,7 @@ def test_looksam_matches_hand_written_reference(base_name):
 @both_bases
 def test_looksam_cheap_step_without_g_v_is_the_base_step_exactly(base_name):
     model, batches = mlp(), classification_batches(1, 16, (6,))
-    params, state = _run(modes.looksam_step, model, batches, _looksam_state, base_name, take_sam=False)
+    params, state = _run(funcsam.looksam_step, model, batches, _looksam_state, base_name, take_sam=False)
     base_params, base_state = _run(_indexed(funcsam.sam_step), model, batches, base_name=base_name, rho=0, index=[0])
     _assert_trees_equal((params, state.base_state), (base_params, base_state))
 
@@ -230,7 +230,7 @@ def test_looksam_cheap_step_without_g_v_is_the_base_step_exactly(base_name):
 @both_bases
 def test_looksam_sam_step_is_sam_step_exactly(base_name):
     model, batches = mlp(), classification_batches(1, 16, (6,))
-    params, state = _run(modes.looksam_step, model, batches, _looksam_state, base_name, take_sam=True)
+    params, state = _run(funcsam.looksam_step, model, batches, _looksam_state, base_name, take_sam=True)
     sam_params, sam_state = _run(_indexed(funcsam.sam_step), model, batches, base_name=base_name, index=[0])
     _assert_trees_equal((params, state.base_state), (sam_params, sam_state))
 
@@ -243,7 +243,7 @@ def test_looksam_sam_step_is_sam_step_exactly(base_name):
 @both_bases
 def test_msam_with_zero_momentum_is_the_base_step_exactly(base_name):
     model, batches = mlp(), classification_batches(1, 16, (6,))
-    msam = _run(modes.msam_step, model, batches, base_name=base_name)
+    msam = _run(funcsam.msam_step, model, batches, base_name=base_name)
     base_step = _run(_indexed(funcsam.sam_step), model, batches, base_name=base_name, rho=0, index=[0])
     _assert_trees_equal(msam, base_step)
 
@@ -251,7 +251,7 @@ def test_msam_with_zero_momentum_is_the_base_step_exactly(base_name):
 @both_bases
 def test_msam_matches_hand_written_reference(base_name):
     model, batches = mlp(), classification_batches(STEPS, 16, (6,))
-    params, _ = _run(modes.msam_step, model, batches, base_name=base_name)
+    params, _ = _run(funcsam.msam_step, model, batches, base_name=base_name)
     tolerance = BASES[base_name][3]
     assert_trees_close(params, reference_msam(model, batches, base_name), atol=tolerance)
     base_steps = _run(_indexed(funcsam.sam_step), model, batches, base_name=base_name, rho=0, index=list(range(STEPS)))
@@ -265,7 +265,7 @@ def test_msam_loss_is_the_loss_at_the_perturbed_weights():
     base = funcsam.sgd(momentum=0.9)
     momentum = {k: torch.randn_like(v) for k, v in params.items()}
     state = funcsam.MomentumState(momentum, torch.tensor(3))
-    out = modes.msam_step(params, buffers, batch, loss_fn, RHO, 0.1, state, base=base)
+    out = funcsam.msam_step(params, buffers, batch, loss_fn, RHO, 0.1, state, base=base)
     norm = _norm(list(momentum.values()))
     perturbed = {k: params[k] - RHO * momentum[k] / (norm + EPS) for k in params}
     torch.testing.assert_close(out.loss, loss_fn(perturbed, buffers, batch)[0])
@@ -279,7 +279,7 @@ def test_msam_loss_is_the_loss_at_the_perturbed_weights():
 @both_bases
 def test_gsam_alpha_0_is_sam_step_exactly(base_name):
     model, batches = mlp(), classification_batches(STEPS, 16, (6,))
-    gsam = _run(modes.gsam_step, model, batches, base_name=base_name, alpha=0.0)
+    gsam = _run(funcsam.gsam_step, model, batches, base_name=base_name, alpha=0.0)
     sam = _run(_indexed(funcsam.sam_step), model, batches, base_name=base_name, index=list(range(STEPS)))
     _assert_trees_equal(gsam, sam)
 
@@ -287,7 +287,7 @@ def test_gsam_alpha_0_is_sam_step_exactly(base_name):
 @both_bases
 def test_gsam_matches_hand_written_reference(base_name):
     model, batches = mlp(), classification_batches(STEPS, 16, (6,))
-    params, _ = _run(modes.gsam_step, model, batches, base_name=base_name, alpha=0.5)
+    params, _ = _run(funcsam.gsam_step, model, batches, base_name=base_name, alpha=0.5)
     tolerance = BASES[base_name][3]
     assert_trees_close(params, reference_gsam(model, batches, base_name, alpha=0.5), atol=tolerance)
     sam = _run(_indexed(funcsam.sam_step), model, batches, base_name=base_name, index=list(range(STEPS)))
@@ -300,10 +300,10 @@ def test_gsam_matches_hand_written_reference(base_name):
 
 # name: (step, state_of, keywords, how many times grad_reduce runs per step)
 MODES = {
-    "looksam-sam": (modes.looksam_step, _looksam_state, dict(take_sam=True), 2),
-    "looksam-cheap": (modes.looksam_step, _looksam_state, dict(take_sam=False), 1),
-    "msam": (modes.msam_step, lambda base, params: base.init(params), {}, 1),
-    "gsam": (modes.gsam_step, lambda base, params: base.init(params), dict(alpha=0.5), 2),
+    "looksam-sam": (funcsam.looksam_step, _looksam_state, dict(take_sam=True), 2),
+    "looksam-cheap": (funcsam.looksam_step, _looksam_state, dict(take_sam=False), 1),
+    "msam": (funcsam.msam_step, lambda base, params: base.init(params), {}, 1),
+    "gsam": (funcsam.gsam_step, lambda base, params: base.init(params), dict(alpha=0.5), 2),
 }
 every_mode = pytest.mark.parametrize("mode", list(MODES))
 
@@ -381,29 +381,29 @@ def test_bad_arguments_are_refused_by_name():
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     base = funcsam.sgd(momentum=0.9)
     args = (params, buffers, batch, loss_fn, RHO, 0.1)
-    state, looksam_state = base.init(params), modes.init_looksam(base, params)
+    state, looksam_state = base.init(params), funcsam.init_looksam(base, params)
 
     with pytest.raises(TypeError, match=r"step must be an int"):
-        modes.scheduled_sam_step(*args, state, step=torch.tensor(1), schedule=modes.every(2), base=base)
+        funcsam.scheduled_sam_step(*args, state, step=torch.tensor(1), schedule=modes.every(2), base=base)
     with pytest.raises(TypeError, match=r"schedule must be funcsam.every\(k\) or funcsam.late"):
-        modes.scheduled_sam_step(*args, state, step=1, schedule=2, base=base)
+        funcsam.scheduled_sam_step(*args, state, step=1, schedule=2, base=base)
     for alpha, error in [(-0.1, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
                          (torch.tensor(0.5), TypeError)]:
         with pytest.raises(error, match=r"alpha"):
-            modes.gsam_step(*args, state, alpha=alpha, base=base)
+            funcsam.gsam_step(*args, state, alpha=alpha, base=base)
         with pytest.raises(error, match=r"alpha"):
-            modes.looksam_step(*args, looksam_state, take_sam=False, alpha=alpha, base=base)
+            funcsam.looksam_step(*args, looksam_state, take_sam=False, alpha=alpha, base=base)
     with pytest.raises(TypeError, match=r"take_sam must be a Python bool"):
-        modes.looksam_step(*args, looksam_state, take_sam=torch.tensor(True), base=base)
+        funcsam.looksam_step(*args, looksam_state, take_sam=torch.tensor(True), base=base)
     with pytest.raises(TypeError, match=r"funcsam.LookSAMState"):
-        modes.looksam_step(*args, state, take_sam=True, base=base)
+        funcsam.looksam_step(*args, state, take_sam=True, base=base)
     wrong_g_v = modes.LookSAMState(state, {k: v[..., :1] for k, v in params.items()})
     with pytest.raises(ValueError, match=r"momentum_state.g_v does not have the structure"):
-        modes.looksam_step(*args, wrong_g_v, take_sam=True, base=base)
+        funcsam.looksam_step(*args, wrong_g_v, take_sam=True, base=base)
     with pytest.raises(ValueError, match=r"SGD base with momentum=0"):
-        modes.msam_step(*args, funcsam.sgd().init(params), base=funcsam.sgd())
+        funcsam.msam_step(*args, funcsam.sgd().init(params), base=funcsam.sgd())
     with pytest.raises(ValueError, match=r"SGD base with momentum=0"):
-        modes.msam_step(*args, funcsam.sgd().init(params))
+        funcsam.msam_step(*args, funcsam.sgd().init(params))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -437,8 +437,8 @@ def _compiled_run(step, state_of, n_steps, **per_step):
 def test_compiled_modes_take_one_graph_per_branch_with_changing_lr_and_rho():
     schedule = modes.every(2)
     takes = [schedule.takes_sam(i) for i in range(5)]
-    assert _compiled_run(modes.looksam_step, _looksam_state, 5, take_sam=takes) == 2  # SAM step, cheap step
-    assert _compiled_run(modes.msam_step, lambda base, params: base.init(params), 3) == 1
+    assert _compiled_run(funcsam.looksam_step, _looksam_state, 5, take_sam=takes) == 2  # SAM step, cheap step
+    assert _compiled_run(funcsam.msam_step, lambda base, params: base.init(params), 3) == 1
 
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()

@@ -8,8 +8,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import funcsam
-from funcsam.engine import SAMOptions, prepare_step
-from funcsam.msharpness import vmapped_m_sharpness_step
 from helpers import (
     assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, run_sam_step_with_base,
     torch_sgd,
@@ -100,9 +98,8 @@ def test_one_part_equals_sam_step(make_model, shape):
     state = funcsam.init_momentum(params)
     base = funcsam.sgd(momentum=0.9, weight_decay=5e-4)
     expected = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, base=base, max_grad_norm=0.5)
-    # The public function hands m=1 to sam_step; the vmapped path must agree with it too.
-    setup = prepare_step(params, loss_fn, 0.05, 0.1, state, base, SAMOptions(max_grad_norm=0.5, sam_sync="local"))
-    out = vmapped_m_sharpness_step(setup, buffers, batch, loss_fn, m=1)
+    out = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, state, base=base, max_grad_norm=0.5,
+                           source=funcsam.MSharpness(1))
     assert_trees_close(out.params, expected.params, atol=1e-6)
     assert_trees_close(out.buffers, expected.buffers, atol=1e-6)
     torch.testing.assert_close(out.loss, expected.loss)
@@ -169,7 +166,7 @@ def test_m_that_does_not_divide_the_batch_is_rejected():
     batch = classification_batches(1, 10, (6,))[0]
     with pytest.raises(ValueError, match="batch size 10 is not divisible by the number of m-sharpness parts 4"):
         run_m_sharpness(model, [batch], 4, 0.05, 0.1)
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="m must be an int >= 1"):
         run_m_sharpness(model, [batch], 0, 0.05, 0.1)
 
 

@@ -14,7 +14,7 @@ import torch._dynamo.testing
 import torch.nn.functional as F
 
 import funcsam
-from funcsam import policy
+
 from helpers import assert_trees_close, assert_trees_equal, classification_batches, mlp, params_and_buffers
 
 RHO, LR, MOMENTUM, WEIGHT_DECAY, EPS, DELTA = 0.1, 0.1, 0.9, 5e-4, 1e-12, 0.9
@@ -30,7 +30,7 @@ def _batches(scales=SCALES):
 
 
 def _thresholds(n):
-    return [policy.linear_threshold(t, n) for t in range(n)]
+    return [funcsam.linear_threshold(t, n) for t in range(n)]
 
 
 def reference_ae_sam(model, batches, thresholds, *, delta=DELTA):
@@ -81,7 +81,7 @@ def _counting(loss_fn, calls):
     return counted
 
 
-def _run_policy(model, batches, thresholds, step_fn=policy.adaptive_sam_step, rhos=None, lrs=None, count=True,
+def _run_policy(model, batches, thresholds, step_fn=funcsam.adaptive_sam_step, rhos=None, lrs=None, count=True,
                 **options):
     """funcsam's AE-SAM over ``batches``, following the policy. Returns (params, state, decisions,
     loss_fn calls per step, [(mean, var) after each step]). ``count=False`` leaves loss_fn uncounted
@@ -91,7 +91,7 @@ def _run_policy(model, batches, thresholds, step_fn=policy.adaptive_sam_step, rh
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     loss_fn = _counting(loss_fn, calls) if count else loss_fn
     base = funcsam.sgd(momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    state = policy.init_adaptive(base, params)
+    state = funcsam.init_adaptive(base, params)
     decisions, calls_per_step, statistics = [], [], []
     for index, (batch, threshold) in enumerate(zip(batches, thresholds)):
         take = bool(state.take_next)
@@ -137,7 +137,7 @@ def test_sam_step_and_base_step_are_sam_step_exactly():
     for take_sam, rho in [(True, RHO), (False, 0)]:
         calls = []
         loss_fn = _counting(funcsam.make_loss_fn(model, F.cross_entropy), calls)
-        out = policy.adaptive_sam_step(params, buffers, batch, loss_fn, RHO, LR, policy.init_adaptive(base, params),
+        out = funcsam.adaptive_sam_step(params, buffers, batch, loss_fn, RHO, LR, funcsam.init_adaptive(base, params),
                                        take_sam=take_sam, threshold=0.0, base=base)
         assert len(calls) == (2 if take_sam else 1)
         plain = funcsam.sam_step(params, buffers, batch, loss_fn, rho, LR, base.init(params), base=base)
@@ -149,11 +149,11 @@ def test_sam_step_and_base_step_are_sam_step_exactly():
 def test_first_gradient_initialises_the_statistics_and_the_first_two_steps_take_sam():
     model, batches = mlp(), classification_batches(1, 16, (6,))
     params, buffers = params_and_buffers(model)
-    state = policy.init_adaptive(None, params)
+    state = funcsam.init_adaptive(None, params)
     assert bool(state.take_next) and int(state.count) == 0
     assert state.mean.dtype == state.var.dtype == torch.float32 and state.take_next.dtype == torch.bool
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    out = policy.adaptive_sam_step(params, buffers, batches[0], loss_fn, RHO, LR, state, take_sam=True,
+    out = funcsam.adaptive_sam_step(params, buffers, batches[0], loss_fn, RHO, LR, state, take_sam=True,
                                    threshold=1.0)
     g = torch.autograd.grad(F.cross_entropy(model(batches[0][0]), batches[0][1]), list(model.parameters()))
     torch.testing.assert_close(out.momentum_state.mean, sum((gi ** 2).sum() for gi in g), rtol=1e-6, atol=0)
@@ -165,7 +165,7 @@ def test_asam_watches_the_plain_gradient_norm():
     model, (batch,) = mlp(), classification_batches(1, 16, (6,))
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    out = policy.adaptive_sam_step(params, buffers, batch, loss_fn, 1.0, LR, policy.init_adaptive(None, params),
+    out = funcsam.adaptive_sam_step(params, buffers, batch, loss_fn, 1.0, LR, funcsam.init_adaptive(None, params),
                                    take_sam=True, threshold=0.0, adaptive=True)
     plain = funcsam.sam_step(params, buffers, batch, loss_fn, 0, LR, funcsam.init_momentum(params))
     torch.testing.assert_close(out.momentum_state.mean, plain.grad_norm ** 2, rtol=1e-6, atol=0)
@@ -186,7 +186,7 @@ def test_loss_scale_and_grad_reduce_give_the_same_statistics():
 
     def scaled_step(*args, **kwargs):
         nonlocal scale
-        out = policy.adaptive_sam_step(*args, loss_scale=scale, grad_reduce=grad_reduce, **kwargs)
+        out = funcsam.adaptive_sam_step(*args, loss_scale=scale, grad_reduce=grad_reduce, **kwargs)
         scale = out.loss_scale
         return out
 
@@ -202,16 +202,19 @@ def test_non_finite_step_is_skipped_with_the_statistics_and_the_decision():
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
     base = funcsam.sgd(momentum=MOMENTUM)
-    first = policy.adaptive_sam_step(params, buffers, batch, loss_fn, RHO, LR, policy.init_adaptive(base, params),
+    first = funcsam.adaptive_sam_step(params, buffers, batch, loss_fn, RHO, LR, funcsam.init_adaptive(base, params),
                                      take_sam=True, threshold=0.5, base=base)
     bad = (torch.full_like(bad[0], float("nan")), bad[1])
     for take_sam in (True, False):
-        out = policy.adaptive_sam_step(first.params, buffers, bad, loss_fn, RHO, LR, first.momentum_state,
+        out = funcsam.adaptive_sam_step(first.params, buffers, bad, loss_fn, RHO, LR, first.momentum_state,
                                        take_sam=take_sam, threshold=-3.0, base=base)
         assert not bool(out.finite)
         assert_trees_equal(out.params, first.params)
-        got, kept = funcsam.tree.flatten(out.momentum_state)[0], funcsam.tree.flatten(first.momentum_state)[0]
+        # Everything is kept but the step index, which moves on (the threshold schedule counts skipped steps).
+        got = funcsam.tree.flatten(out.momentum_state._replace(step=None))[0]
+        kept = funcsam.tree.flatten(first.momentum_state._replace(step=None))[0]
         assert len(got) == len(kept) and all(torch.equal(a, b) for a, b in zip(got, kept))
+        assert int(out.momentum_state.step) == int(first.momentum_state.step) + 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -220,10 +223,10 @@ def test_non_finite_step_is_skipped_with_the_statistics_and_the_decision():
 
 
 def test_linear_threshold_moves_from_start_to_end():
-    assert policy.linear_threshold(0, 100) == 1.0
-    assert policy.linear_threshold(50, 100) == 0.0
-    assert policy.linear_threshold(100, 100) == -1.0
-    assert policy.linear_threshold(1, 4, start=-1.0, end=1.0) == -0.5
+    assert funcsam.linear_threshold(0, 100) == 1.0
+    assert funcsam.linear_threshold(50, 100) == 0.0
+    assert funcsam.linear_threshold(100, 100) == -1.0
+    assert funcsam.linear_threshold(1, 4, start=-1.0, end=1.0) == -0.5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,11 +238,11 @@ def test_bad_arguments_are_refused_by_name():
     model, (batch,) = mlp(), classification_batches(1, 4, (6,))
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    state = policy.init_adaptive(None, params)
+    state = funcsam.init_adaptive(None, params)
     args = (params, buffers, batch, loss_fn, RHO, LR)
 
     def step(**overrides):
-        return policy.adaptive_sam_step(*args, state, **{"take_sam": True, "threshold": 0.0, **overrides})
+        return funcsam.adaptive_sam_step(*args, state, **{"take_sam": True, "threshold": 0.0, **overrides})
 
     for delta, error in [(1.0, ValueError), (-0.1, ValueError), (1.5, ValueError), (float("nan"), ValueError),
                          (True, TypeError), (torch.tensor(0.9), TypeError)]:
@@ -254,18 +257,18 @@ def test_bad_arguments_are_refused_by_name():
         with pytest.raises(error, match=r"threshold"):
             step(threshold=threshold)
     with pytest.raises(TypeError, match=r"funcsam.AdaptiveState"):
-        policy.adaptive_sam_step(*args, funcsam.init_momentum(params), take_sam=True, threshold=0.0)
+        funcsam.adaptive_sam_step(*args, funcsam.init_momentum(params), take_sam=True, threshold=0.0)
     with pytest.raises(TypeError, match=r"funcsam.AdaptiveState"):
-        policy.adaptive_sam_step(*args, tuple(state), take_sam=True, threshold=0.0)
+        funcsam.adaptive_sam_step(*args, tuple(state), take_sam=True, threshold=0.0)
 
     with pytest.raises(ValueError, match=r"step must be <= total_steps"):
-        policy.linear_threshold(11, 10)
+        funcsam.linear_threshold(11, 10)
     with pytest.raises(ValueError, match=r"total_steps must be an int >= 1"):
-        policy.linear_threshold(0, 0)
-    with pytest.raises(TypeError, match=r"step must be a Python int"):
-        policy.linear_threshold(1.0, 10)
+        funcsam.linear_threshold(0, 0)
+    with pytest.raises(TypeError, match=r"step must be an int"):
+        funcsam.linear_threshold(1.0, 10)
     with pytest.raises(ValueError, match=r"start must be a finite"):
-        policy.linear_threshold(1, 10, start=float("inf"))
+        funcsam.linear_threshold(1, 10, start=float("inf"))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,7 +280,7 @@ def test_bad_arguments_are_refused_by_name():
 def test_compiled_policy_takes_two_graphs_with_changing_lr_rho_and_threshold():
     torch._dynamo.reset()
     counter = torch._dynamo.testing.CompileCounter()
-    compiled = torch.compile(policy.adaptive_sam_step, backend=counter, fullgraph=True)
+    compiled = torch.compile(funcsam.adaptive_sam_step, backend=counter, fullgraph=True)
     model, batches = mlp(), _batches(SCALES[:5])
     thresholds = [torch.tensor(c) for c in _thresholds(5)]
     rhos = [torch.tensor(RHO + 0.01 * i) for i in range(5)]

@@ -1,0 +1,61 @@
+"""Schedules: SAM on the steps a host-side rule picks, the base step (one pass) on the others.
+
+    every(k)            SAM on steps 0, k, 2k, ...  (Composer's ``interval``): (1 + 1/k) passes a step
+    late(start_step)    the base step before start_step, SAM from it on: late-phase SAM
+                        (Zhou et al. 2024, arXiv 2410.10373)
+
+The decision is a Python bool made on the host (``mode.takes_sam(step)``), so a compiled step keeps
+exactly two graphs (the SAM step and the base step), whatever lr and rho do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..hyperparameters import check_int
+from .protocol import Mode, check_step
+
+__all__ = ["Every", "Late", "every", "late"]
+
+
+@dataclass(frozen=True)
+class Every(Mode):
+    """SAM on steps 0, k, 2k, ... and the base step on the others; ``Every(1)`` is SAM on every
+    step. Build it with :func:`every`."""
+
+    k: int
+
+    def __post_init__(self):
+        check_int("k", self.k, minimum=1, meaning="SAM runs on steps 0, k, 2k, ...; k=1 is SAM on every step")
+
+    def takes_sam(self, step: int, state: Any = None) -> bool:
+        """Whether step ``step`` (0-based) takes the SAM gradient."""
+        check_step(step)
+        return step % self.k == 0
+
+
+@dataclass(frozen=True)
+class Late(Mode):
+    """The base step before ``start_step``, SAM from it on; ``Late(0)`` is SAM on every step.
+    Build it with :func:`late`."""
+
+    start_step: int
+
+    def __post_init__(self):
+        check_int("start_step", self.start_step, minimum=0, meaning="the first (0-based) step that takes SAM")
+
+    def takes_sam(self, step: int, state: Any = None) -> bool:
+        """Whether step ``step`` (0-based) takes the SAM gradient."""
+        check_step(step)
+        return step >= self.start_step
+
+
+def every(k: int) -> Every:
+    """SAM every ``k`` steps (steps 0, k, 2k, ...), the base step between. ``k`` is an int >= 1."""
+    return Every(k)
+
+
+def late(start_step: int) -> Late:
+    """The base step on steps 0 .. start_step - 1, SAM from ``start_step`` on. An int >= 0."""
+    return Late(start_step)

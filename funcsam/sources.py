@@ -1,0 +1,218 @@
+"""Where a step's gradients come from: one batch, micro-batches, or m-sharpness parts.
+
+A source is the one plug of the pipeline that touches the batch. It evaluates the first pass at a
+point (w, or MSAM's w + e) and, on SAM steps, the second pass at w + e_k for each of its units::
+
+    OneBatch()          the batch at once                                      1 unit
+    MicroBatches()      the batch is a list of micro-batches B_1 .. B_K, both passes accumulated,
+                        g = sum_i (n_i / N) grad L_{B_i}                        1 unit
+    MSharpness(m)       the batch cut into m equal parts, each perturbed by its own gradient
+                        (Foret et al. 2020, section 4.1), two vmapped calls    m units
+
+Data-parallel replicas are the fourth source of gradients, and they compose with each of these:
+``SAMOptions(grad_reduce=..., sam_sync=...)`` reduces what the source returns.
+
+BatchNorm in training mode:
+- ``OneBatch``: the first pass's running statistics are kept, the perturbed pass's discarded.
+- ``MicroBatches``: each micro-batch is normalised with its own statistics; the first pass threads
+  the running statistics through the micro-batches in order (``num_batches_tracked`` advances by K).
+  For a mean-reduced loss without BatchNorm the step is the step on the concatenated batch.
+- ``MSharpness``: each part is normalised with its own statistics ("ghost" BatchNorm); the returned
+  running statistics are the mean over parts of each part's update (integer buffers: part 0's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Sequence
+
+import torch
+
+from .batching import batch_size, stack_parts
+from .hyperparameters import check_int
+from .tree import PyTree, Tensor, flatten, unflatten
+
+__all__ = ["FirstPass", "MSharpness", "MicroBatches", "OneBatch", "check_batch", "check_source"]
+
+# gradient(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux)): the engine's differentiated loss.
+Gradient = Callable[[list, PyTree, Any], tuple]
+
+
+class FirstPass(NamedTuple):
+    """What a source's first pass gives the pipeline.
+
+    Fields:
+        units: one gradient list per perturbation unit (scaled, unreduced); ``[g]`` for one batch.
+        loss: 0-dim, the loss at the point (mean over the batch).
+        new_buffers: the buffers after the pass (see the module docstring).
+        aux: the loss function's aux over the whole batch, in batch order.
+    """
+
+    units: list
+    loss: Tensor
+    new_buffers: PyTree
+    aux: Any
+
+
+@dataclass(frozen=True)
+class OneBatch:
+    """The batch at once: ``sam_step``'s default source."""
+
+    local = False  # the unit's gradient is the step's: reduced across replicas before perturbing (sam_sync global)
+
+    def check(self, batch: Any) -> None:
+        check_batch(batch)
+
+    def first_pass(self, gradient: Gradient, point: list, buffers: PyTree, batch: Any) -> FirstPass:
+        grads, (loss, new_buffers, aux) = gradient(point, buffers, batch)
+        return FirstPass([grads], loss, new_buffers, aux)
+
+    def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree, batch: Any) -> list:
+        return gradient(torch._foreach_add(leaves, perturbations[0]), buffers, batch)[0]
+
+
+@dataclass(frozen=True)
+class MicroBatches:
+    """Gradient accumulation: ``batch`` is a non-empty sequence of micro-batches (e.g.
+    ``funcsam.split_batch(batch, K)``), micro-batch i weighted by n_i / N (a mean-reduced loss).
+    Memory holds one micro-batch's activations and two gradient-sized accumulators. The loss is the
+    size-weighted mean, aux the micro-batches' auxes joined along dim 0 (0-dim leaves stacked)."""
+
+    local = False
+
+    def check(self, batch: Any) -> None:
+        if isinstance(batch, (torch.Tensor, tuple, dict)) or not isinstance(batch, Sequence):
+            raise TypeError("with source=funcsam.MicroBatches() the batch must be a list of batches, e.g. "
+                            f"funcsam.split_batch((inputs, targets), K); got {type(batch).__name__}")
+        if len(batch) == 0:
+            raise ValueError("micro_batches is empty: pass at least one batch")
+        for index, micro_batch in enumerate(batch):
+            check_batch(micro_batch, f"micro_batches[{index}]")
+
+    def first_pass(self, gradient: Gradient, point: list, buffers: PyTree, batch: Sequence) -> FirstPass:
+        grads, losses, auxes, new_buffers = None, [], [], buffers
+        for micro_batch, weight in zip(batch, _weights(batch)):
+            micro_grads, (loss, new_buffers, aux) = gradient(point, new_buffers, micro_batch)
+            grads = _accumulate(grads, micro_grads, weight)
+            losses.append(loss * weight)
+            auxes.append(aux)
+        return FirstPass([grads], torch.stack(losses).sum(), new_buffers, _join_micro_batches(auxes))
+
+    def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree,
+                    batch: Sequence) -> list:
+        perturbed, grads = torch._foreach_add(leaves, perturbations[0]), None
+        for micro_batch, weight in zip(batch, _weights(batch)):
+            grads = _accumulate(grads, gradient(perturbed, buffers, micro_batch)[0], weight)
+        return grads
+
+
+@dataclass(frozen=True)
+class MSharpness:
+    """m-sharpness on one device: the batch's ``m`` equal contiguous parts each perturb with their
+    own gradient, and the SAM gradient is the mean over parts::
+
+        e_k = rho * g_k / (||g_k|| + eps),   g_sam = (1/m) sum_k grad L_{B_k}(w + e_k)
+
+    ``m`` must divide the batch size. Both passes are ``torch.func.vmap`` calls over the parts, so
+    the loss function must be vmappable (``funcsam.make_loss_fn`` is); random ops draw differently
+    in each part. The step's ``grad_norm`` is the mean of the parts' norms; aux comes back in batch
+    order, ``(B, ...)``. Under data parallelism every replica's parts perturb with their own
+    gradients (the ``sam_sync="local"`` semantics). ``m=1`` is the plain step, without vmap."""
+
+    m: int
+
+    local = True
+
+    def __post_init__(self):
+        check_int("m", self.m, minimum=1, meaning="the number of m-sharpness parts, each B / m examples")
+
+    def check(self, batch: Any) -> None:
+        check_batch(batch)
+        if self.m > 1:
+            stack_parts(batch, self.m)  # raises when m does not divide the batch size
+
+    def first_pass(self, gradient: Gradient, point: list, buffers: PyTree, batch: Any) -> FirstPass:
+        if self.m == 1:
+            return OneBatch().first_pass(gradient, point, buffers, batch)
+
+        def one_part(part_buffers, part):
+            return gradient(point, part_buffers, part)
+
+        part_grads, (losses, part_new_buffers, part_aux) = torch.func.vmap(one_part, randomness="different")(
+            _part_buffers(buffers, self.m), stack_parts(batch, self.m))
+        units = [list(part) for part in zip(*[grad.unbind(0) for grad in part_grads])]
+        return FirstPass(units, losses.mean(), _combine_part_buffers(part_new_buffers), _concatenate_parts(part_aux))
+
+    def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree, batch: Any) -> list:
+        if self.m == 1:
+            return OneBatch().second_pass(gradient, leaves, perturbations, buffers, batch)
+        perturbed = torch._foreach_add([torch.stack(parts) for parts in zip(*perturbations)], leaves)  # (m, ...)
+
+        def one_part(part_leaves, part_buffers, part):
+            return gradient(part_leaves, part_buffers, part)[0]
+
+        part_grads = torch.func.vmap(one_part, randomness="different")(
+            perturbed, _part_buffers(buffers, self.m), stack_parts(batch, self.m))
+        return [grad.mean(dim=0) for grad in part_grads]
+
+
+Source = OneBatch | MicroBatches | MSharpness
+
+
+def check_source(source: Any) -> Source:
+    """``source`` (None is :class:`OneBatch`), or a TypeError naming the choices."""
+    if source is None:
+        return OneBatch()
+    if isinstance(source, (OneBatch, MicroBatches, MSharpness)):
+        return source
+    raise TypeError("source must be None (one batch), funcsam.MicroBatches() or funcsam.MSharpness(m), "
+                    f"got {type(source).__name__} {source!r:.80}")
+
+
+def check_batch(batch: Any, what: str = "batch") -> None:
+    """An empty batch would give a NaN mean loss with zero gradients: refuse it by name."""
+    for leaf in flatten(batch)[0]:
+        if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 and leaf.shape[0] == 0:
+            raise ValueError(f"{what} is empty (a tensor of shape {tuple(leaf.shape)}): every step needs at least one example")
+
+
+def _weights(micro_batches: Sequence) -> list[float]:
+    sizes = [batch_size(micro_batch) for micro_batch in micro_batches]
+    return [size / sum(sizes) for size in sizes]
+
+
+def _accumulate(total: list[Tensor] | None, grads: list[Tensor], weight: float) -> list[Tensor]:
+    """``total + weight * grads`` (just ``weight * grads`` for the first micro-batch), out of place."""
+    if total is None:
+        return torch._foreach_mul(grads, weight)
+    return torch._foreach_add(total, grads, alpha=weight)
+
+
+def _join_micro_batches(auxes: list) -> Any:
+    """The micro-batches' auxes joined along dim 0 (``(n_i, ...)`` leaves) or stacked (0-dim leaves)."""
+    specs = {flatten(aux)[1] for aux in auxes}
+    if len(specs) != 1:
+        raise ValueError("loss_fn returned aux values of different structures for different micro-batches")
+    joined = [torch.stack(parts) if parts[0].dim() == 0 else torch.cat(parts)
+              for parts in zip(*[flatten(aux)[0] for aux in auxes])]
+    return unflatten(specs.pop(), joined)
+
+
+def _part_buffers(buffers: PyTree, m: int) -> PyTree:
+    """A copy of every buffer per part, stacked on dim 0: BatchNorm writes its updates into the
+    buffers it is given, and an unbatched buffer cannot receive a batched update under vmap."""
+    leaves, spec = flatten(buffers)
+    return unflatten(spec, [leaf.expand(m, *leaf.shape).clone() for leaf in leaves])
+
+
+def _combine_part_buffers(part_buffers: PyTree) -> PyTree:
+    """The mean over parts of floating leaves (running statistics), part 0's value of the others."""
+    leaves, spec = flatten(part_buffers)
+    return unflatten(spec, [leaf.mean(dim=0) if leaf.is_floating_point() else leaf[0] for leaf in leaves])
+
+
+def _concatenate_parts(part_aux: Any) -> Any:
+    """Per-part outputs ``(m, B/m, ...)`` back to ``(B, ...)``; leaves with no per-example dim stay ``(m,)``."""
+    leaves, spec = flatten(part_aux)
+    return unflatten(spec, [leaf.reshape(leaf.shape[0] * leaf.shape[1], *leaf.shape[2:]) if leaf.dim() >= 2 else leaf
+                            for leaf in leaves])
