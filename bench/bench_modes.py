@@ -263,7 +263,7 @@ def _find(name: str, module: str) -> Any:
 
 
 def _adaptive_mode(setting, model, loss_fn, base, total_steps) -> Mode | str:
-    """AE-SAM (funcsam.policy): SAM where ||g||^2 is high against its running mean and variance;
+    """AE-SAM (funcsam.AESAM): SAM where ||g||^2 is high against its running mean and variance;
     its decision is read on the host (``bool(state.take_next)``) inside the timed step."""
     step_fn, init, threshold = (_find(n, "policy") for n in ("adaptive_sam_step", "init_adaptive", "linear_threshold"))
     if step_fn is None or init is None or threshold is None:

@@ -1,4 +1,4 @@
-"""m-sharpness step time: ``m_sharpness_sam_step`` (vmap over the parts) against a Python loop over them.
+"""m-sharpness step time: ``funcsam.MSharpness`` (vmap over the parts) against a Python loop over them.
 
     python bench/bench_msharpness.py [--model resnet20|tiny] [--batch-size 128] [--parts 1 2 4 8]
                                      [--rounds 5] [--threads N] [--device cpu|cuda]
@@ -18,32 +18,36 @@ import torch
 import torch.nn.functional as F
 
 import funcsam
-from funcsam.msharpness import combine_part_buffers
-from funcsam.perturbation import perturbation_and_norm
-from funcsam.engine import SAMGradient, SAMOptions, finish_step, gradient_fn, prepare_step
+from funcsam.sources import FirstPass, MSharpness
 from train.models import build_model
 
 HYPER = dict(momentum=0.9, weight_decay=5e-4)
 LR, RHO = 0.1, 0.05
 
 
+class LoopedParts(MSharpness):
+    """The baseline: ``MSharpness(m)``'s two passes as a Python loop over the parts (a gradient source
+    of funcsam's protocol, plugged into the same ``sam_step``)."""
+
+    def first_pass(self, gradient, point, buffers, batch):
+        parts = [gradient(point, buffers, part) for part in funcsam.split_batch(batch, self.m)]
+        units = [grads for grads, _ in parts]
+        losses, part_buffers, auxes = zip(*[aux for _, aux in parts])
+        stacked = {k: torch.stack([b[k] for b in part_buffers]) for k in buffers}
+        mean = {k: v.mean(0) if v.is_floating_point() else v[0] for k, v in stacked.items()}
+        return FirstPass(units, torch.stack(losses).mean(), mean, torch.cat(auxes))
+
+    def second_pass(self, gradient, leaves, perturbations, buffers, batch):
+        sam_grads = None
+        for part, e in zip(funcsam.split_batch(batch, self.m), perturbations):
+            part_sam_grads = gradient(torch._foreach_add(leaves, e), buffers, part)[0]
+            sam_grads = (torch._foreach_div(part_sam_grads, self.m) if sam_grads is None
+                         else torch._foreach_add(sam_grads, part_sam_grads, alpha=1 / self.m))
+        return sam_grads
+
+
 def loop_over_parts_step(params, buffers, batch, loss_fn, rho, lr, state, *, m):
-    """The baseline: the step of ``m_sharpness_sam_step`` with a Python loop over the m parts."""
-    setup = prepare_step(params, loss_fn, rho, lr, state, funcsam.sgd(**HYPER), SAMOptions())
-    leaves = setup.leaves
-    gradient = gradient_fn(loss_fn, setup)
-    sam_grads, part_buffers = None, []
-    for part in funcsam.split_batch(batch, m):
-        grads, (_, new_buffers, _) = gradient(leaves, buffers, part)
-        part_buffers.append(new_buffers)
-        perturbation, _ = perturbation_and_norm(grads, leaves, rho)
-        part_sam_grads = gradient(torch._foreach_add(leaves, perturbation), buffers, part)[0]
-        sam_grads = (torch._foreach_div(part_sam_grads, m) if sam_grads is None
-                     else torch._foreach_add(sam_grads, part_sam_grads, alpha=1 / m))
-    stacked = {k: torch.stack([b[k] for b in part_buffers]) for k in buffers}
-    finite = torch.tensor(True, device=leaves[0].device)
-    zero = torch.zeros((), device=leaves[0].device)
-    return finish_step(setup, SAMGradient(sam_grads, zero, finite), buffers, combine_part_buffers(stacked), zero, None)
+    return funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, source=LoopedParts(m), **HYPER)
 
 
 def make_variant(step_fn, params, buffers, batch, loss_fn, m):
@@ -60,7 +64,7 @@ def make_variant(step_fn, params, buffers, batch, loss_fn, m):
 
 
 def vmap_step(params, buffers, batch, loss_fn, rho, lr, state, *, m):
-    return funcsam.m_sharpness_sam_step(params, buffers, batch, loss_fn, rho, lr, state, m=m, **HYPER)
+    return funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, source=funcsam.MSharpness(m), **HYPER)
 
 
 def check_same_step(params, buffers, batch, loss_fn, m) -> float:

@@ -53,7 +53,7 @@ def make_loss_fn(
     layout_rank = check_memory_format(memory_format)
 
     def loss_fn(params: dict, buffers: dict, batch: Any):
-        inputs, targets = batch
+        inputs, targets = unpack_batch(batch)
         if layout_rank is not None:
             params = {name: in_memory_format(p, memory_format, layout_rank) for name, p in params.items()}
             inputs = in_memory_format(inputs, memory_format, layout_rank)
@@ -71,6 +71,16 @@ def make_loss_fn(
         return loss.float(), (new_buffers, logits)
 
     return loss_fn
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` from a batch, or a TypeError saying what the batch must be."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    got = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+           else f"a {type(batch).__name__} of {len(batch)}" if isinstance(batch, (tuple, list)) else type(batch).__name__)
+    raise TypeError(f"a make_loss_fn loss function takes batch = (inputs, targets), got {got}: pass the targets "
+                    "too, e.g. (x, y); for a list of micro-batches use source=funcsam.MicroBatches()")
 
 
 # The memory formats a loss function may compute in, and the rank of the tensors each applies to.

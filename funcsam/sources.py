@@ -160,10 +160,11 @@ Source = OneBatch | MicroBatches | MSharpness
 
 
 def check_source(source: Any) -> Source:
-    """``source`` (None is :class:`OneBatch`), or a TypeError naming the choices."""
+    """``source`` (None is :class:`OneBatch`), or a TypeError naming the choices. Any object with
+    ``check``, ``first_pass``, ``second_pass`` and ``local`` as these classes have them plugs in too."""
     if source is None:
         return OneBatch()
-    if isinstance(source, (OneBatch, MicroBatches, MSharpness)):
+    if all(hasattr(source, name) for name in ("check", "first_pass", "second_pass", "local")):
         return source
     raise TypeError("source must be None (one batch), funcsam.MicroBatches() or funcsam.MSharpness(m), "
                     f"got {type(source).__name__} {source!r:.80}")

@@ -25,13 +25,28 @@ def final_params(out: Path) -> dict:
     return load_checkpoint(out / CHECKPOINT_NAME)["params"]
 
 
-@pytest.mark.parametrize("base, mode", [("sgd", "full"), ("adamw", "full"), ("sgd", "every"), ("sgd", "late"),
-                                        ("sgd", "looksam"), ("adamw", "msam"), ("sgd", "gsam"), ("sgd", "sam-on"),
-                                        ("sgd", "adaptive")])
-def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, base, mode):
+def _mode(mode: str) -> list[str]:
+    return ["--sam-mode", mode, "--sam-every", "3", "--sam-start-epoch", "1"]
+
+
+API_CASES = {
+    "sgd-full": ("sgd", []), "adamw-full": ("adamw", []), "sgd-every": ("sgd", _mode("every")),
+    "sgd-late": ("sgd", _mode("late")), "sgd-looksam": ("sgd", _mode("looksam")), "adamw-msam": ("adamw", _mode("msam")),
+    "sgd-gsam": ("sgd", _mode("gsam")), "sgd-sam-on": ("sgd", ["--sam-on"]), "sgd-adaptive": ("sgd", _mode("adaptive")),
+    # Combinations that the trainer used to refuse: every mode takes SAM-ON and accumulation in both APIs.
+    "sgd-looksam-accumulate": ("sgd", _mode("looksam") + ["--accumulate", "2"]),
+    "sgd-gsam-sam-on": ("sgd", _mode("gsam") + ["--sam-on"]),
+    "adamw-msam-sam-on": ("adamw", _mode("msam") + ["--sam-on"]),
+    "sgd-adaptive-accumulate-sam-on": ("sgd", _mode("adaptive") + ["--accumulate", "2", "--sam-on"]),
+}
+
+
+@pytest.mark.parametrize("case", list(API_CASES))
+def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, case):
     """sam_step and SAMSGD / SAM(AdamW) (with model=, so BN keeps first-pass statistics) compute the same SAM,
-    in every mode the adapter has."""
-    flags = ["--sam-on"] if mode == "sam-on" else ["--sam-mode", mode, "--sam-every", "3", "--sam-start-epoch", "1"]
+    in every mode, also with SAM-ON and accumulation."""
+    base, flags = API_CASES[case]
+    flags = list(flags)
     # NCHW: there both APIs round alike. In channels_last they differ by 1e-7 after 4 steps (every mode),
     # which LookSAM's reused direction g_v, the small difference of two nearly parallel gradients,
     # grows to 2e-3 over these 20 steps: as much as channels_last against NCHW within one API (3e-3).
@@ -163,15 +178,16 @@ def test_every_step_and_late_from_the_start_are_full_sam(tmp_path, full_sam_para
         assert all(torch.equal(full[k], params[k]) for k in full), name
 
 
-@pytest.mark.parametrize("mode", ["every", "late", "looksam", "msam", "gsam", "adaptive", "sam-on"])
+@pytest.mark.parametrize("mode", ["every", "late", "looksam", "msam", "gsam", "adaptive", "sam-on", "every-m-sharpness"])
 def test_cheaper_sam_modes_train_and_differ_from_full_sam(tmp_path, mode, full_sam_params):
-    flags = ["--sam-on"] if mode == "sam-on" else ["--sam-mode", mode, "--sam-every", "3"]
+    flags = {"sam-on": ["--sam-on"], "every-m-sharpness": ["--sam-mode", "every", "--m-sharpness", "2"]}.get(
+        mode, ["--sam-mode", mode, "--sam-every", "3"])
     assert cifar10.main(tiny_args(tmp_path / mode, *flags)) == 0
     summary = json.loads((tmp_path / mode / "summary.json").read_text())
     assert summary["final_train_loss"] < 2.3  # chance is ln(10) = 2.30
     assert not torch.equal(full_sam_params["fc.weight"], final_params(tmp_path / mode)["fc.weight"])
     recorded = json.loads((tmp_path / mode / "args.json").read_text())
-    assert recorded["sam_on"] if mode == "sam-on" else recorded["sam_mode"] == mode
+    assert recorded["sam_on"] if mode == "sam-on" else recorded["sam_mode"] == mode.split("-")[0]
 
 
 def test_channels_last_takes_the_same_steps_and_compiles_the_whole_step(tmp_path):

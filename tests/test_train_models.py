@@ -42,8 +42,7 @@ def test_two_sam_steps_of_every_model(name):
     labels = torch.randint(0, num_classes, (batch,))
     augmentation = (torch.full((batch, 2), 4), torch.zeros(batch, dtype=torch.bool), torch.zeros(batch, 2, dtype=torch.int64))
     for _ in range(2):
-        state, totals = step(state, totals, images, labels, *augmentation, torch.tensor(0.05), torch.tensor(0.05),
-                             torch.tensor(0.0), True)
+        state, totals = step(state, totals, images, labels, *augmentation, torch.tensor(0.05), torch.tensor(0.05), True)
     assert model(torch.zeros(batch, 3, 32, 32)).shape == (batch, num_classes)
     assert torch.isfinite(totals.loss_sum) and totals.diverged_steps == 0
     assert int(state.momentum_state.count) == 2

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from train.models import MODELS
+from train.sam_modes import SAM_MODES
 
 # Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
 # (--compile, --compile-scope, --channels-last, --device, --data-dir, --out, --tensorboard may change between a run
@@ -34,7 +35,6 @@ RUN_DEFINING_ARGS = (
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
                              base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
                              looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9)
-SAM_MODES = ("full", "every", "late", "looksam", "msam", "gsam", "adaptive")
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -130,9 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also log every epoch's metrics to --out/tensorboard (needs the [tensorboard] extra)")
     cheaper = p.add_argument_group(
         "cheaper SAM",
-        "Ways to keep much of SAM's effect for fewer than two passes per step (funcsam.modes, funcsam.policy).",
+        "Ways to keep much of SAM's effect for fewer than two passes per step (funcsam.modes); each mode goes "
+        "with --sam-on, --m-sharpness, --accumulate, --amp and data parallelism.",
     )
-    cheaper.add_argument("--sam-mode", default="full", choices=SAM_MODES,
+    cheaper.add_argument("--sam-mode", default="full", choices=list(SAM_MODES),
                          help="full: SAM on every step; every: SAM every --sam-every steps, the base step between; "
                               "late: the base step until --sam-start-epoch, SAM after; looksam: LookSAM, the SAM "
                               "gradient every --sam-every steps and its extra direction reused between; msam: "
@@ -149,9 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     cheaper.add_argument("--adaptive-delta", type=float, default=0.9,
                          help="--sam-mode adaptive: the decay of the running mean and variance of the squared gradient norm")
     cheaper.add_argument("--sam-on", action="store_true",
-                         help="SAM-ON: perturb only the normalisation layers' parameters (with --sam-mode full, every, late)")
+                         help="SAM-ON: perturb only the normalisation layers' parameters (with any --sam-mode)")
     beyond = p.add_argument_group(
-        "beyond one batch (--api functional)",
+        "beyond one batch",
         "Under `torchrun --nproc_per_node N -m train.cifar10 ...` the run is data-parallel on N processes "
         "(NCCL on GPUs, gloo on CPUs): --batch-size stays the global batch, each rank trains on its "
         "contiguous 1/N of it, and only rank 0 prints and writes files.",
@@ -164,10 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(funcsam.distributed.convert_sync_batchnorm); without it each replica keeps its own")
     beyond.add_argument("--m-sharpness", type=int, default=1, metavar="K",
                         help="m-sharpness: each (per-replica) batch in K parts, each perturbing with its own "
-                             "gradient (funcsam.m_sharpness_sam_step); with N processes needs --sam-sync local")
+                             "gradient (funcsam.MSharpness); with N processes needs --sam-sync local; --api functional")
     beyond.add_argument("--accumulate", type=int, default=1, metavar="K",
                         help="one SAM step over K micro-batches of each (per-replica) batch "
-                             "(funcsam.accumulated_sam_step): the whole batch's step (exactly so without BatchNorm; "
+                             "(funcsam.MicroBatches; the adapter's closure accumulates them): the whole batch's step (exactly so without BatchNorm; "
                              "BatchNorm normalises each micro-batch alone) in 1/K of the activation memory")
     return p
 
@@ -257,10 +258,6 @@ def check_sam_mode(args: argparse.Namespace) -> None:
         raise UsageError(f"--sam-mode {args.sam_mode} needs --optim sam: --optim sgd is the base optimizer alone")
     if args.sam_mode == "msam" and args.base == "sgd" and args.momentum == 0:
         raise UsageError("--sam-mode msam perturbs along the momentum: it needs --momentum > 0 (or --base adamw)")
-    if args.sam_on and args.sam_mode not in ("full", "every", "late"):
-        raise UsageError(f"--sam-on goes with --sam-mode full, every or late, not {args.sam_mode}")
-    if args.sam_mode != "full" and (args.m_sharpness > 1 or args.accumulate > 1):
-        raise UsageError(f"--sam-mode {args.sam_mode} steps on whole batches: keep --m-sharpness and --accumulate at 1")
 
 
 def check_compile_scope(args: argparse.Namespace) -> None:
@@ -290,11 +287,10 @@ def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
     if args.api != "functional":
         asked = [flag for flag, on in (("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
                                        (f"--m-sharpness {args.m_sharpness}", args.m_sharpness > 1),
-                                       (f"--accumulate {args.accumulate}", args.accumulate > 1),
                                        (f"{world_size} processes (torchrun)", world_size > 1)) if on]
         if asked:
-            raise UsageError(f"{', '.join(asked)} need(s) --api functional (the adapter SAMSGD steps one "
-                             "process on one batch)")
+            raise UsageError(f"{', '.join(asked)} need(s) --api functional (the adapter optimizer steps one "
+                             "process, with one gradient per pass)")
     if args.m_sharpness > 1 and args.accumulate > 1:
         raise UsageError(f"--m-sharpness {args.m_sharpness} and --accumulate {args.accumulate} cannot be combined: "
                          "keep one of them at 1")

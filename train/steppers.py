@@ -5,13 +5,14 @@
     params, buffers = stepper.params_buffers()                                    # for evaluation
     stepper.state_dict() / stepper.load_state_dict(saved, path)                   # checkpoint and resume
 
+Both step with the mode object that ``--sam-mode`` names in ``train.sam_modes``' one table.
 ``FunctionalStepper`` carries a ``TrainState`` pytree through one pure function around
-``funcsam.sam_step`` (or its m-sharpness / accumulation forms), which ``--compile`` makes one
-fullgraph region; the learning rate and rho travel as 0-dim tensors so the schedule never recompiles.
-``AdapterStepper`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` (``--base
-sgd``) or ``funcsam.SAM`` over ``torch.optim.AdamW`` (``--base adamw``) with a ``LambdaLR`` schedule
-(and a ``GradScaler`` under fp16), ``--sam-mode`` as its ``mode=`` (adaptive: ``funcsam.AESAM`` over
-the run's steps). Each builds its optimizer in one place (``_init_optimizer``).
+``funcsam.sam_step`` (the mode, the gradient source of ``--m-sharpness``/``--accumulate``, and
+``funcsam.SAMOptions``), which ``--compile`` makes one fullgraph region per branch; the learning rate
+and rho travel as 0-dim tensors so the schedule never recompiles. ``AdapterStepper`` runs the same
+recipe through the closure-style ``funcsam.SAMSGD`` (``--base sgd``) or ``funcsam.SAM`` over
+``torch.optim.AdamW`` (``--base adamw``) with a ``LambdaLR`` schedule (and a ``GradScaler`` under
+fp16), the mode as its ``mode=``.
 Loss and accuracy are summed into ``TrainTotals`` on the device, so no step waits for the host.
 """
 
@@ -29,6 +30,7 @@ from torch.func import functional_call
 import funcsam
 from train.checkpoint import CheckpointError, check_tensors
 from train.data import augment, normalize
+from train.sam_modes import make_mode
 
 
 class TrainState(NamedTuple):
@@ -88,31 +90,12 @@ def make_criterion(args: argparse.Namespace) -> Callable:
 
 def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, grad_reduce=None, *,
                  steps_per_epoch: int):
-    """The stepper of ``args.api``; ``lr_at(step_index)`` is the learning rate schedule."""
-    policy = SAMPolicy(args, steps_per_epoch)
+    """The stepper of ``args.api``; ``lr_at(step_index)`` is the learning rate schedule. Both step with
+    the same mode object, from the one table of ``--sam-mode`` values (``train.sam_modes``)."""
+    mode = make_mode(args, steps_per_epoch)
     if args.api == "functional":
-        return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce, policy=policy)
-    return AdapterStepper(args, model, lr_at, mean, std, device, policy=policy)
-
-
-class SAMPolicy:
-    """Which steps take the SAM gradient under --sam-mode: a Python decision on the host, so a
-    compiled step keeps one graph per branch (the SAM step and the base step)."""
-
-    def __init__(self, args, steps_per_epoch: int):
-        self.mode, self.total_steps = args.sam_mode, args.epochs * steps_per_epoch
-        schedules = {"every": funcsam.every(args.sam_every), "looksam": funcsam.every(args.sam_every),
-                     "late": funcsam.late(args.sam_start_epoch * steps_per_epoch)}
-        self.schedule = schedules.get(self.mode)
-
-    def takes_sam(self, step_index: int, mode_state) -> bool:
-        if self.mode == "adaptive":  # the rule, evaluated by the previous step on the device: one read
-            return bool(mode_state.take_next)
-        return True if self.schedule is None else self.schedule.takes_sam(step_index)
-
-    def threshold(self, step_index: int) -> float:
-        """AE-SAM's threshold c_t, moving linearly over the run (0 for the other modes, which ignore it)."""
-        return funcsam.linear_threshold(step_index, self.total_steps) if self.mode == "adaptive" else 0.0
+        return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce, mode=mode)
+    return AdapterStepper(args, model, lr_at, mean, std, device, mode=mode)
 
 
 def make_base(args: argparse.Namespace) -> funcsam.SGD | funcsam.Adam:
@@ -143,94 +126,65 @@ def compile_scope(args, device: torch.device) -> str | None:
     return "loss" if device.type == "cpu" and not args.channels_last and args.m_sharpness == 1 else "step"
 
 
-def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, compile_loss: bool = False) -> Callable:
-    """``step(state, totals, images_u8, labels, crop_offsets, flips, cutout_centres, lr, rho)
-    -> (state, totals)``: augmentation, both SAM passes and the SGD update, pure.
+def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, compile_loss: bool = False, *,
+                         mode: funcsam.Mode | None = None) -> Callable:
+    """``step(state, totals, images_u8, labels, crop_offsets, flips, cutout_centres, lr, rho, take_sam)
+    -> (state, totals)``: augmentation, the SAM step of ``mode`` and the base update, pure.
 
     The images are this process's shard of the global batch; ``grad_reduce`` (an all-reduce mean
     under data parallelism) averages the gradients across processes. ``--m-sharpness K`` and
-    ``--accumulate K`` pick ``m_sharpness_sam_step`` and ``accumulated_sam_step``: one step each,
-    so ``--compile`` still makes one fullgraph region of it."""
+    ``--accumulate K`` pick the gradient source (``funcsam.MSharpness(K)``, ``funcsam.MicroBatches()``):
+    one ``funcsam.sam_step`` either way, so ``--compile`` still makes one fullgraph region of it,
+    one graph per value of ``take_sam`` (decided on the host)."""
     loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
     if compile_loss:
         loss_fn = torch.compile(loss_fn, fullgraph=True)
-    m_sharpness, accumulate, sam_sync, mode = args.m_sharpness, args.accumulate, args.sam_sync, args.sam_mode
-    base = make_base(args)
-    sam_on = dict(perturb_mask=funcsam.norm_layer_mask(model)) if args.sam_on else {}
+    base, source = make_base(args), make_source(args)
+    options = funcsam.SAMOptions(adaptive=args.adaptive, grad_reduce=grad_reduce, sam_sync=args.sam_sync,
+                                 perturb_mask=funcsam.norm_layer_mask(model) if args.sam_on else None)
+    split = (lambda batch: funcsam.split_batch(batch, args.accumulate)) if args.accumulate > 1 else (lambda batch: batch)
 
     def step(state: TrainState, totals: TrainTotals, images, labels, crop_offsets, flips, cutout_centres, lr, rho,
-             threshold, take_sam: bool):
+             take_sam: bool):
         inputs = augment(images, crop_offsets, flips, cutout_centres, mean, std, args.cutout).contiguous(
             memory_format=memory_format(args))
-        common = dict(base=base, adaptive=args.adaptive, loss_scale=state.loss_scale, grad_reduce=grad_reduce)
-        batch, mode_state = (inputs, labels), state.momentum_state
-        if mode == "looksam":
-            out = funcsam.looksam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state,
-                                       take_sam=take_sam, alpha=args.looksam_alpha, **common)
-        elif mode == "msam":
-            out = funcsam.msam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state, **common)
-        elif mode == "gsam":
-            out = funcsam.gsam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state,
-                                    alpha=args.gsam_alpha, **common)
-        elif mode == "adaptive":
-            out = funcsam.adaptive_sam_step(state.params, state.buffers, batch, loss_fn, rho, lr, mode_state,
-                                            take_sam=take_sam, threshold=threshold, delta=args.adaptive_delta,
-                                            **common)
-        elif m_sharpness > 1:  # always local: every part perturbs with its own gradient
-            out = funcsam.m_sharpness_sam_step(
-                state.params, state.buffers, (inputs, labels), loss_fn, rho, lr, state.momentum_state,
-                m=m_sharpness, **common,
-            )
-        elif accumulate > 1:
-            out = funcsam.accumulated_sam_step(
-                state.params, state.buffers, funcsam.split_batch((inputs, labels), accumulate), loss_fn, rho, lr,
-                state.momentum_state, sam_sync=sam_sync, **common,
-            )
-        else:  # full, every, late: SAM with rho, or the base step (rho the number 0: one pass)
-            out = funcsam.sam_step(
-                state.params, state.buffers, batch, loss_fn, rho if take_sam else 0, lr, mode_state,
-                sam_sync=sam_sync, **sam_on, **common,
-            )
+        out = funcsam.sam_step(state.params, state.buffers, split((inputs, labels)), loss_fn, rho, lr,
+                               state.momentum_state, base=base, mode=mode, take_sam=take_sam, source=source,
+                               options=options, loss_scale=state.loss_scale)
         totals = add_step_to_totals(totals, out.loss, out.aux, labels, out.finite, state.loss_scale is not None)
         return TrainState(out.params, out.buffers, out.momentum_state, out.loss_scale), totals
 
     return step
 
 
+def make_source(args: argparse.Namespace):
+    """The gradient source of ``--m-sharpness`` / ``--accumulate`` (None: the batch at once)."""
+    if args.m_sharpness > 1:
+        return funcsam.MSharpness(args.m_sharpness)
+    return funcsam.MicroBatches() if args.accumulate > 1 else None
+
+
 class FunctionalStepper:
     """``funcsam.sam_step`` as one pure (optionally compiled) function of a ``TrainState``."""
 
-    def __init__(self, args, model, lr_at, mean, std, device, grad_reduce=None, *, policy: SAMPolicy):
+    def __init__(self, args, model, lr_at, mean, std, device, grad_reduce=None, *, mode: funcsam.Mode):
         params, buffers = detached(model.named_parameters()), detached(model.named_buffers())
-        self.policy = policy
-        self.state = TrainState(params, buffers, *self._init_optimizer(args, params, device))
+        self.mode = mode
+        loss_scale = funcsam.init_loss_scale(device=device) if args.amp == "fp16" else None
+        self.state = TrainState(params, buffers, mode.init_state(make_base(args), params), loss_scale)
         scope = compile_scope(args, device)
         step = make_functional_step(model, args, make_criterion(args), mean, std, grad_reduce,
-                                    compile_loss=scope == "loss")
+                                    compile_loss=scope == "loss", mode=mode)
         self._step = torch.compile(step, fullgraph=True) if scope == "step" else step
         self.lr_at = lr_at
         self.lr = torch.tensor(lr_at(0), device=device)  # filled in place each step: no recompile
         self.rho = 0 if args.optim == "sgd" else torch.tensor(args.rho, device=device)
-        self.threshold = torch.tensor(policy.threshold(0), device=device)  # AE-SAM's, filled in place too
         self.device = device
-
-    @staticmethod
-    def _init_optimizer(args, params, device):
-        """(the step's state: the base optimizer's, wrapped by LookSAM and AE-SAM; the loss scale)."""
-        loss_scale = funcsam.init_loss_scale(device=device) if args.amp == "fp16" else None
-        base = make_base(args)
-        if args.sam_mode == "looksam":
-            return funcsam.init_looksam(base, params), loss_scale
-        if args.sam_mode == "adaptive":
-            return funcsam.init_adaptive(base, params), loss_scale
-        return base.init(params), loss_scale
 
     def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
         self.lr.fill_(self.lr_at(step_index))
-        self.threshold.fill_(self.policy.threshold(step_index))
-        take_sam = self.policy.takes_sam(step_index, self.state.momentum_state)
-        self.state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho,
-                                        self.threshold, take_sam)
+        take_sam = self.mode.takes_sam(step_index, self.state.momentum_state)  # AE-SAM: one host read
+        self.state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho, take_sam)
         return totals
 
     def params_buffers(self):
@@ -278,9 +232,9 @@ def list_to_tree(template, leaves, what: str, path):
 class AdapterStepper:
     """The same recipe through ``funcsam.SAMSGD``; mutates the model and the optimizer."""
 
-    def __init__(self, args, model, lr_at, mean, std, device, *, policy: SAMPolicy):
+    def __init__(self, args, model, lr_at, mean, std, device, *, mode: funcsam.Mode):
         self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
-        self.optimizer = self._init_optimizer(args, model, policy)
+        self.optimizer = self._init_optimizer(args, model, mode)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / args.lr)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         self.criterion = make_criterion(args)
@@ -288,13 +242,7 @@ class AdapterStepper:
         self.forward = torch.compile(model) if args.compile else model
 
     @staticmethod
-    def _init_optimizer(args, model, policy: SAMPolicy) -> funcsam.SAMOptimizer:
-        if args.sam_mode == "adaptive":  # the threshold moves over the whole run, as the functional step's
-            mode = funcsam.AESAM(total_steps=policy.total_steps, delta=args.adaptive_delta)
-        else:
-            mode = {"full": None, "every": policy.schedule, "late": policy.schedule, "msam": funcsam.MSAM(),
-                    "looksam": funcsam.LookSAM(args.sam_every, args.looksam_alpha),
-                    "gsam": funcsam.GSAM(args.gsam_alpha)}[args.sam_mode]
+    def _init_optimizer(args, model, mode: funcsam.Mode) -> funcsam.SAMOptimizer:
         params = funcsam.sam_on_param_groups(model) if args.sam_on else model.parameters()
         common = dict(rho=args.rho, adaptive=args.adaptive, model=model, mode=mode)
         if args.base == "adamw":
@@ -312,15 +260,22 @@ class AdapterStepper:
         inputs = augment(images, *augmentation, self.mean, self.std, self.args.cutout).contiguous(
             memory_format=memory_format(self.args))
         first_logits = []
+        # --accumulate K: the closure backpropagates each micro-batch's share of the batch mean in turn,
+        # so p.grad holds the whole batch's gradient, as funcsam.MicroBatches accumulates it.
+        micro_batches = funcsam.split_batch((inputs, labels), self.args.accumulate)
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
-            with autocast_context(self.device, self.args.amp):
-                logits = self.forward(inputs)
-                loss = self.criterion(logits, labels)
-            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
-            first_logits.append(logits.detach())
-            return loss.detach().float()
+            losses, logits_parts = [], []
+            for micro_inputs, micro_labels in micro_batches:
+                with autocast_context(self.device, self.args.amp):
+                    logits = self.forward(micro_inputs)
+                    loss = self.criterion(logits, micro_labels) * (len(micro_labels) / len(labels))
+                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+                losses.append(loss.detach().float())
+                logits_parts.append(logits.detach())
+            first_logits.append(torch.cat(logits_parts))
+            return torch.stack(losses).sum()
 
         loss = self.optimizer.step(closure, grad_scaler=self.scaler)
         if self.scaler is not None:
