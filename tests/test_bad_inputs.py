@@ -218,6 +218,28 @@ def test_empty_batch_is_refused():
         funcsam.accumulated_sam_step(params, {}, micro_batches, loss_fn, 0.05, 0.1, funcsam.init_momentum(params))
 
 
+def test_a_batch_without_targets_says_what_make_loss_fn_takes():
+    model = mlp()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    inputs, targets = classification_batches(1, 8, (6,))[0]
+    for batch, got in ((inputs, r"a tensor of shape \(8, 6\)"), ((inputs, targets, targets), "a tuple of 3")):
+        with pytest.raises(TypeError, match=r"batch = \(inputs, targets\), got " + got):
+            funcsam.sam_step(params, {}, batch, loss_fn, 0.05, 0.1, funcsam.init_momentum(params))
+    with pytest.raises(TypeError, match="source=funcsam.MicroBatches"):  # a list of batches, without the source
+        funcsam.sam_step(params, {}, [(inputs, targets)] * 3, loss_fn, 0.05, 0.1, funcsam.init_momentum(params))
+
+
+def test_options_given_twice_are_refused_naming_them():
+    params, loss_fn, batch = _linear_problem()
+    with pytest.raises(ValueError, match="max_grad_norm given together with options="):
+        _sam_step(params, loss_fn, batch, options=funcsam.SAMOptions(), max_grad_norm=1.0)
+    with pytest.raises(TypeError, match="options must be a funcsam.SAMOptions"):
+        _sam_step(params, loss_fn, batch, options=dict(adaptive=True))
+    with pytest.raises(TypeError, match="adaptive must be a bool"):
+        _sam_step(params, loss_fn, batch, options=funcsam.SAMOptions(adaptive="yes"))
+
+
 @pytest.mark.parametrize("base", [funcsam.sgd(momentum=0.9), funcsam.adamw()], ids=["sgd", "adamw"])
 def test_nan_loss_with_finite_gradients_skips_the_step(base):
     params, loss_fn, batch = _linear_problem()
