@@ -38,6 +38,31 @@ def run(params, buffers, state, loss_fn, batches, step=funcsam.sam_step, **kwarg
     return params, buffers, state, out
 
 
+def run_mode(mode, batches, source=None, **kwargs):
+    """``STEPS`` steps of ``mode`` on ``batches`` (MLP, SGD with HYPER), deciding on the host each step."""
+    model = mlp()
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    params, buffers = params_and_buffers(model)
+    base = funcsam.sgd(**HYPER)
+    state = funcsam.modes.check_mode(mode).init_state(base, params)
+    for t, batch in enumerate(batches):
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, RHO, LR, state, base=base, mode=mode, source=source,
+                               take_sam=funcsam.modes.check_mode(mode).takes_sam(t, state), **kwargs)
+        params, buffers, state = out.params, out.buffers, out.momentum_state
+    return params
+
+
+# The modes on real replicas, and the references the test computes in one process for each.
+MODE_RUNS = {
+    # global sync: one process on the global batch
+    "gsam_global": (lambda: funcsam.GSAM(0.5), None, "global", None),
+    # local sync: each replica is an m-sharpness part of the global batch
+    "aesam_local": (lambda: funcsam.AESAM(total_steps=STEPS), None, "local", 2),
+    # m-sharpness on each replica: world x m parts
+    "looksam_m_sharpness": (lambda: funcsam.LookSAM(k=2), 2, "global", 4),
+}
+
+
 def first(out_dir, reduce):
     model = mlp()
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
@@ -67,6 +92,10 @@ def first(out_dir, reduce):
         params, buffers, funcsam.init_momentum(params), loss_fn, shards[:2],
         step=funcsam.m_sharpness_sam_step, m=2, grad_reduce=reduce,
     )[0]
+
+    for name, (mode, parts, sync, _) in MODE_RUNS.items():
+        source = None if parts is None else funcsam.MSharpness(parts)
+        result[name] = run_mode(mode(), shards, source, grad_reduce=reduce, sam_sync=sync)
 
     # Rank 1's first gradient overflows: every rank must skip, or the replicas drift apart.
     inputs, targets = shards[0]

@@ -118,6 +118,20 @@ def test_m_sharpness_across_ranks_equals_one_process_with_world_times_m_parts(ru
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", list(dp_worker.MODE_RUNS))
+def test_modes_across_ranks_equal_their_one_process_reference(runs, name):
+    """GSAM under global sync is one process on the global batch; AE-SAM under local sync is one
+    process whose m-sharpness parts are the replicas (its statistics see the reduced ||g||);
+    LookSAM with m-sharpness on each replica is one process with world x m parts."""
+    _, first, _, _ = runs
+    mode, _, _, one_process_parts = dp_worker.MODE_RUNS[name]
+    source = None if one_process_parts is None else funcsam.MSharpness(one_process_parts)
+    expected = dp_worker.run_mode(mode(), dp_worker.global_batches(), source)
+    for rank in range(WORLD):
+        assert_trees_close(first[rank][name], expected, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_non_finite_first_gradient_on_one_rank_skips_the_step_on_every_rank(runs):
     _, first, _, _ = runs
     params, _ = params_and_buffers(mlp())
