@@ -191,14 +191,19 @@ def torch_optimizer(model, batches, optimizer_class, **hyper):
     return params_and_buffers(model)[0]
 
 
-def run_sam_step_with_base(model, batches, *, rho, lr, base, **options):
-    """Params, buffers and state after ``sam_step(..., base=base)`` over ``batches`` (model left untouched)."""
+def run_sam_step_with_base(model, batches, *, rho, lr, base, mode=None, loss_scale=None, autocast_dtype=None,
+                           **options):
+    """Params, buffers and state after ``sam_step(..., base=base, mode=mode)`` over ``batches`` (model
+    left untouched), each step taking SAM where ``mode.takes_sam(step, state)`` says; ``loss_scale``
+    (a LossScaleState) is carried from step to step, ``autocast_dtype`` goes to make_loss_fn."""
     params, buffers = params_and_buffers(model)
-    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    state = base.init(params)
-    for batch in batches:
-        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, base=base, **options)
-        params, buffers, state = out.params, out.buffers, out.momentum_state
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, autocast_dtype=autocast_dtype)
+    mode = funcsam.modes.check_mode(mode)
+    state = mode.init_state(base, params)
+    for step, batch in enumerate(batches):
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, base=base, mode=mode,
+                               take_sam=mode.takes_sam(step, state), loss_scale=loss_scale, **options)
+        params, buffers, state, loss_scale = out.params, out.buffers, out.momentum_state, out.loss_scale
     return params, buffers, state
 
 
