@@ -210,17 +210,24 @@ def run_sam_step_with_base(model, batches, *, rho, lr, base, mode=None, loss_sca
 ADAPTER_STYLES = ["first_second", "davda54_closure", "closure"]
 
 
-def adapter_steps(model, optimizer, batches, style, after_step=None):
+def adapter_steps(model, optimizer, batches, style, after_step=None, *, scaler=None, autocast_dtype=None):
     """Trains ``model`` in place with a SAM optimizer in one of the ``ADAPTER_STYLES``:
 
     first_second     backward; first_step(zero_grad=True); backward; second_step(zero_grad=True)
     davda54_closure  backward; step(closure that only computes and backpropagates); zero_grad()
     closure          step(closure that zeroes, computes and backpropagates), as sam.pytorch
+
+    In the closure style, ``autocast_dtype`` runs the forward under CPU autocast and ``scaler`` (a
+    ``torch.amp.GradScaler``) scales the loss, is passed to the step and updated after it.
+    Returns how many times each step called its closure.
     """
+    calls = []
     for inputs, targets in batches:
         def loss(inputs=inputs, targets=targets):
-            return F.cross_entropy(model(inputs), targets)
+            with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                return F.cross_entropy(model(inputs), targets)
 
+        count = []
         if style == "first_second":
             loss().backward()
             optimizer.first_step(zero_grad=True)
@@ -228,6 +235,7 @@ def adapter_steps(model, optimizer, batches, style, after_step=None):
             optimizer.second_step(zero_grad=True)
         elif style == "davda54_closure":
             def closure():
+                count.append(1)
                 value = loss()
                 value.backward()
                 return value
@@ -236,15 +244,20 @@ def adapter_steps(model, optimizer, batches, style, after_step=None):
             optimizer.zero_grad()
         elif style == "closure":
             def closure():
+                count.append(1)
                 optimizer.zero_grad()
                 value = loss()
-                value.backward()
+                (value if scaler is None else scaler.scale(value)).backward()
                 return value
-            optimizer.step(closure)
+            optimizer.step(closure, grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
         else:
             raise ValueError(style)
+        calls.append(len(count))
         if after_step is not None:
             after_step()
+    return calls
 
 
 def reference_sam(model, batches, *, rho, descend, eps=1e-12, max_grad_norm=None):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import funcsam
 
 from funcsam import AESAM
+from helpers import adapter_steps as closure_steps
 from helpers import assert_trees_close, assert_trees_equal, classification_batches, mlp, params_and_buffers
 
 RHO, LR, MOMENTUM, WEIGHT_DECAY, DELTA = 0.1, 0.1, 0.9, 5e-4, 0.9
@@ -59,23 +60,10 @@ def _statistics(optimizer) -> dict:
 
 def adapter_steps(model, optimizer, batches, *, scaler=None):
     """Steps ``optimizer`` over ``batches`` with a sam.pytorch closure; returns (decisions, closure calls per step)."""
-    decisions, calls = [], []
-    for inputs, targets in batches:
-        decisions.append(bool(_statistics(optimizer)["take_next"]))
-        count = []
-
-        def closure(inputs=inputs, targets=targets, count=count):
-            count.append(1)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), targets)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            return loss
-
-        optimizer.step(closure, grad_scaler=scaler)
-        if scaler is not None:
-            scaler.update()
-        calls.append(len(count))
-    return decisions, calls
+    decisions = [bool(_statistics(optimizer)["take_next"])]
+    calls = closure_steps(model, optimizer, batches, "closure", scaler=scaler,
+                          after_step=lambda: decisions.append(bool(_statistics(optimizer)["take_next"])))
+    return decisions[:-1], calls
 
 
 def adapted(adapter, model, batches, mode=None):

@@ -5,12 +5,11 @@ each against ``funcsam.sam_step`` with the same mode object and the same feature
 import copy
 
 import torch
-import torch.nn.functional as F
 
 import funcsam
 from funcsam import AESAM, GSAM, MSAM, LookSAM
 from helpers import (
-    assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, run_sam_step_with_base,
+    adapter_steps, assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, run_sam_step_with_base,
 )
 
 RHO, STEPS = 0.1, 4
@@ -37,17 +36,8 @@ def adapted(adapter, model, batches, mode, *, groups=None, scaler=None, **kwargs
     model = copy.deepcopy(model)
     params = model.parameters() if groups is None else groups(model)
     optimizer = ADAPTERS[adapter][0](params, mode=mode, model=model, **kwargs)
-    for inputs, targets in batches:
-        def closure(inputs=inputs, targets=targets):
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16, enabled=scaler is not None):
-                loss = F.cross_entropy(model(inputs), targets)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            return loss
-
-        optimizer.step(closure, grad_scaler=scaler)
-        if scaler is not None:
-            scaler.update()
+    adapter_steps(model, optimizer, batches, "closure", scaler=scaler,
+                  autocast_dtype=None if scaler is None else torch.float16)
     return (*params_and_buffers(model), optimizer)
 
 

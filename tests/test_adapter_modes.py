@@ -233,16 +233,7 @@ def test_non_finite_step_is_skipped_with_params_buffers_and_state(mode_name, ada
 
 
 def _fp16_steps(model, optimizer, batches, scaler):
-    for inputs, targets in batches:
-        def closure(inputs=inputs, targets=targets):
-            optimizer.zero_grad()
-            with torch.autocast("cpu", dtype=torch.float16):
-                loss = F.cross_entropy(model(inputs), targets)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            return loss
-        optimizer.step(closure, grad_scaler=scaler)
-        if scaler is not None:
-            scaler.update()
+    adapter_steps(model, optimizer, batches, "closure", scaler=scaler, autocast_dtype=torch.float16)
 
 
 @cartesian(mode_name=list(ONE_PASS_MODES) + ["gsam"], adapter=["samsgd", "sam_adamw"])
