@@ -159,9 +159,9 @@ def _round_trip(state_dict):
     return torch.load(buffer, weights_only=True)
 
 
-@cartesian(mode_name=["every(2)", "looksam(2)"], adapter=["samsgd", "sam_adamw"])
+@cartesian(mode_name=["every(2)", "looksam(2)", "msam", "gsam"], adapter=["samsgd", "sam_adamw"])
 def test_state_dict_round_trip_mid_run_resumes_bit_for_bit(mode_name, adapter):
-    mode = ONE_PASS_MODES[mode_name]
+    mode = ONE_PASS_MODES.get(mode_name) or MODES[mode_name]
     model, batches = _mlp_and_batches()
     straight, _, _ = adapted(mode, adapter, model, batches)
 
@@ -183,9 +183,10 @@ def test_state_dict_round_trip_mid_run_resumes_bit_for_bit(mode_name, adapter):
     params, steps_taken = resume(checkpoint["optimizer"])
     assert_trees_equal(params, straight)
     assert steps_taken == STEPS
-    # Without the step count the schedule restarts at step 0 (a SAM step where step 3 was not).
-    forgetful = {key: value for key, value in checkpoint["optimizer"].items() if key != "funcsam"}
-    assert _differ(resume(forgetful)[0], straight, by=1e-6)
+    if mode_name in ("every(2)", "looksam(2)"):
+        # Without the step count the schedule restarts at step 0 (a SAM step where step 3 was not).
+        forgetful = {key: value for key, value in checkpoint["optimizer"].items() if key != "funcsam"}
+        assert _differ(resume(forgetful)[0], straight, by=1e-6)
 
 
 def test_bad_funcsam_entry_in_state_dict_is_refused_and_changes_nothing():
