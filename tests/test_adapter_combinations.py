@@ -9,7 +9,8 @@ import torch
 import funcsam
 from funcsam import AESAM, GSAM, MSAM, LookSAM
 from helpers import (
-    adapter_steps, assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers, run_sam_step_with_base,
+    adapter_steps, assert_trees_close, bn_convnet, cartesian, classification_batches, mlp, params_and_buffers,
+    run_sam_step_with_base,
 )
 
 RHO, STEPS = 0.1, 4
