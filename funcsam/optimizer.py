@@ -19,11 +19,10 @@
 
     loss = optimizer.step(closure)        # the loss at w, from the first call of the closure
 
-Both take ``mode=`` for a cheaper SAM with the math of :mod:`funcsam.modes` (see
-:mod:`funcsam.adapter_modes`)::
+Both take ``mode=``, the same mode objects as :func:`funcsam.sam_step` (:mod:`funcsam.modes`)::
 
     funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, mode=funcsam.every(5))
-    funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, mode=GSAM(alpha=0.2))
+    funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-3, mode=funcsam.GSAM(alpha=0.2))
     funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, mode=funcsam.AESAM(total_steps=20_000))
 """
 
@@ -37,6 +36,7 @@ import torch
 from .adapter import SAMOptimizer
 from .base import SGD, MomentumState, check_base, check_sgd_hyperparameters
 from .hyperparameters import check_scalar
+from .param_groups import check_group_fits_mode, has_new_gradient
 from .tree import Tensor, clone_all, select
 
 # Group keys that select an implementation rather than define the update: a state dict may lack them.
@@ -61,10 +61,10 @@ class SAM(SAMOptimizer):
             the optimizer saw it, so a skipped step keeps that forward's buffer updates.) MSAM's one
             pass is at w + e: its buffer updates are kept.
         mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
-            ``LookSAM(k, alpha)``, ``MSAM()``, ``GSAM(alpha)`` or ``AESAM(total_steps, delta)`` from
-            :mod:`funcsam.adapter_modes`. MSAM perturbs along ``state["momentum_buffer"]``
-            (torch.optim.SGD with momentum > 0) or ``state["exp_avg"]`` (Adam, AdamW); a base
-            optimizer with neither is refused.
+            ``funcsam.LookSAM(k, alpha)``, ``funcsam.MSAM()``, ``funcsam.GSAM(alpha)`` or
+            ``funcsam.AESAM(total_steps, delta)`` (:mod:`funcsam.modes`). MSAM perturbs along
+            ``state["momentum_buffer"]`` (torch.optim.SGD with momentum > 0) or ``state["exp_avg"]``
+            (Adam, AdamW); a base optimizer with neither is refused.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
 
     ``param_groups`` and ``state`` are the base optimizer's (``.base_optimizer``), so a
@@ -96,22 +96,23 @@ class SAM(SAMOptimizer):
         self.state = self.base_optimizer.state
         self.defaults.update(self.base_optimizer.defaults)
         for index, group in enumerate(self.param_groups):  # now with the base optimizer's defaults (momentum=0)
-            self._check_group_fits_mode(group, f"param group {index}")
+            check_group_fits_mode(self.mode, group, f"param group {index}")
 
     def add_param_group(self, param_group: dict) -> None:
         """As ``torch.optim.Optimizer.add_param_group``; the group goes to the base optimizer too."""
         if "base_optimizer" not in self.__dict__:  # during __init__
             return super().add_param_group(param_group)
         self._check_group({**self.defaults, **param_group})
-        self._check_group_fits_mode({**self.defaults, **param_group}, "the param group")
+        check_group_fits_mode(self.mode, {**self.defaults, **param_group}, "the param group")
         param_group.setdefault("rho", self.defaults["rho"])
         param_group.setdefault("adaptive", self.defaults["adaptive"])
         self.base_optimizer.add_param_group(param_group)
+        self._added_params(self.param_groups[-1]["params"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, refusing a state dict of another kind of optimizer
         (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``; also
-        restores ``steps_taken``, LookSAM's g_v and AESAM's statistics (see :meth:`state_dict`)."""
+        restores ``steps_taken`` and the mode's own state (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
         mode_state = self._saved_mode_state(state_dict)
         needed = {key for key, value in self.base_optimizer.defaults.items()
@@ -133,7 +134,7 @@ class SAM(SAMOptimizer):
         self._restore_mode_state(mode_state)
 
     def _needs_first_gradient(self) -> bool:
-        return not self._has_new_gradient()
+        return not has_new_gradient(self.param_groups, self._gradients_seen)
 
     def _momentum(self, p: Tensor) -> Tensor | None:
         state = self.state.get(p)
@@ -192,8 +193,8 @@ class SAMSGD(SAMOptimizer):
             pass updates them too (as in ``sam.pytorch``). MSAM's one pass is at w + e: its buffer
             updates are kept.
         mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
-            ``LookSAM(k, alpha)``, ``MSAM()`` (needs ``momentum > 0``; perturbs along the momentum
-            buffer), ``GSAM(alpha)`` or ``AESAM(total_steps, delta)`` from :mod:`funcsam.adapter_modes`.
+            ``funcsam.LookSAM(k, alpha)``, ``funcsam.MSAM()`` (needs ``momentum > 0``; perturbs along
+            the momentum buffer), ``funcsam.GSAM(alpha)`` or ``funcsam.AESAM(total_steps, delta)``.
 
     After ``step``, ``p.grad`` holds the (unscaled) SAM gradient and ``last_step_finite`` is a
     0-dim bool tensor: False when a gradient was non-finite and the step was skipped. The update is
@@ -232,8 +233,8 @@ class SAMSGD(SAMOptimizer):
         """As ``torch.optim.Optimizer.load_state_dict``; a ``torch.optim.SGD`` checkpoint loads too,
         its groups taking this optimizer's ``rho`` (and any other missing key) from the constructor.
         A state of another optimizer (Adam's moments), with bad hyperparameters, or with a momentum
-        buffer of the wrong shape is refused and nothing is changed. ``steps_taken``, LookSAM's
-        g_v and AESAM's statistics are restored too (see :meth:`state_dict`)."""
+        buffer of the wrong shape is refused and nothing is changed. ``steps_taken`` and the mode's own
+        state are restored too (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
         mode_state = self._saved_mode_state(state_dict)
         for index, group in enumerate(groups):

@@ -191,31 +191,43 @@ def torch_optimizer(model, batches, optimizer_class, **hyper):
     return params_and_buffers(model)[0]
 
 
-def run_sam_step_with_base(model, batches, *, rho, lr, base, **options):
-    """Params, buffers and state after ``sam_step(..., base=base)`` over ``batches`` (model left untouched)."""
+def run_sam_step_with_base(model, batches, *, rho, lr, base, mode=None, loss_scale=None, autocast_dtype=None,
+                           **options):
+    """Params, buffers and state after ``sam_step(..., base=base, mode=mode)`` over ``batches`` (model
+    left untouched), each step taking SAM where ``mode.takes_sam(step, state)`` says; ``loss_scale``
+    (a LossScaleState) is carried from step to step, ``autocast_dtype`` goes to make_loss_fn."""
     params, buffers = params_and_buffers(model)
-    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
-    state = base.init(params)
-    for batch in batches:
-        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, base=base, **options)
-        params, buffers, state = out.params, out.buffers, out.momentum_state
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, autocast_dtype=autocast_dtype)
+    mode = funcsam.modes.check_mode(mode)
+    state = mode.init_state(base, params)
+    for step, batch in enumerate(batches):
+        out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, lr, state, base=base, mode=mode,
+                               take_sam=mode.takes_sam(step, state), loss_scale=loss_scale, **options)
+        params, buffers, state, loss_scale = out.params, out.buffers, out.momentum_state, out.loss_scale
     return params, buffers, state
 
 
 ADAPTER_STYLES = ["first_second", "davda54_closure", "closure"]
 
 
-def adapter_steps(model, optimizer, batches, style, after_step=None):
+def adapter_steps(model, optimizer, batches, style, after_step=None, *, scaler=None, autocast_dtype=None):
     """Trains ``model`` in place with a SAM optimizer in one of the ``ADAPTER_STYLES``:
 
     first_second     backward; first_step(zero_grad=True); backward; second_step(zero_grad=True)
     davda54_closure  backward; step(closure that only computes and backpropagates); zero_grad()
     closure          step(closure that zeroes, computes and backpropagates), as sam.pytorch
+
+    In the closure style, ``autocast_dtype`` runs the forward under CPU autocast and ``scaler`` (a
+    ``torch.amp.GradScaler``) scales the loss, is passed to the step and updated after it.
+    Returns how many times each step called its closure.
     """
+    calls = []
     for inputs, targets in batches:
         def loss(inputs=inputs, targets=targets):
-            return F.cross_entropy(model(inputs), targets)
+            with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                return F.cross_entropy(model(inputs), targets)
 
+        count = []
         if style == "first_second":
             loss().backward()
             optimizer.first_step(zero_grad=True)
@@ -223,6 +235,7 @@ def adapter_steps(model, optimizer, batches, style, after_step=None):
             optimizer.second_step(zero_grad=True)
         elif style == "davda54_closure":
             def closure():
+                count.append(1)
                 value = loss()
                 value.backward()
                 return value
@@ -231,15 +244,20 @@ def adapter_steps(model, optimizer, batches, style, after_step=None):
             optimizer.zero_grad()
         elif style == "closure":
             def closure():
+                count.append(1)
                 optimizer.zero_grad()
                 value = loss()
-                value.backward()
+                (value if scaler is None else scaler.scale(value)).backward()
                 return value
-            optimizer.step(closure)
+            optimizer.step(closure, grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
         else:
             raise ValueError(style)
+        calls.append(len(count))
         if after_step is not None:
             after_step()
+    return calls
 
 
 def reference_sam(model, batches, *, rho, descend, eps=1e-12, max_grad_norm=None):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import funcsam
 
 from funcsam import AESAM
+from helpers import adapter_steps as closure_steps
 from helpers import assert_trees_close, assert_trees_equal, classification_batches, mlp, params_and_buffers
 
 RHO, LR, MOMENTUM, WEIGHT_DECAY, DELTA = 0.1, 0.1, 0.9, 5e-4, 0.9
@@ -59,23 +60,10 @@ def _statistics(optimizer) -> dict:
 
 def adapter_steps(model, optimizer, batches, *, scaler=None):
     """Steps ``optimizer`` over ``batches`` with a sam.pytorch closure; returns (decisions, closure calls per step)."""
-    decisions, calls = [], []
-    for inputs, targets in batches:
-        decisions.append(bool(_statistics(optimizer)["take_next"]))
-        count = []
-
-        def closure(inputs=inputs, targets=targets, count=count):
-            count.append(1)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), targets)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            return loss
-
-        optimizer.step(closure, grad_scaler=scaler)
-        if scaler is not None:
-            scaler.update()
-        calls.append(len(count))
-    return decisions, calls
+    decisions = [bool(_statistics(optimizer)["take_next"])]
+    calls = closure_steps(model, optimizer, batches, "closure", scaler=scaler,
+                          after_step=lambda: decisions.append(bool(_statistics(optimizer)["take_next"])))
+    return decisions[:-1], calls
 
 
 def adapted(adapter, model, batches, mode=None):
@@ -188,8 +176,10 @@ def test_non_finite_step_is_skipped_with_the_statistics(adapter):
         assert decisions == [take] and calls == [2 if take else 1]
         assert not bool(optimizer.last_step_finite)
         assert_trees_equal(params_and_buffers(model)[0], params)
-        assert all(torch.equal(_statistics(optimizer)[name], value) for name, value in statistics.items())
-        assert optimizer.steps_taken == steps + 1  # the threshold's step index moves on
+        kept = {name: value for name, value in statistics.items() if name != "step"}
+        assert all(torch.equal(_statistics(optimizer)[name], value) for name, value in kept.items())
+        # The threshold's step index moves on.
+        assert optimizer.steps_taken == int(_statistics(optimizer)["step"]) == steps + 1
         adapter_steps(model, optimizer, batches[3:4])  # a finite step with n big enough to say SAM next
 
 
@@ -282,15 +272,18 @@ def test_adaptive_statistics_is_the_rule():
     kept = funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(100.0), threshold=0.0, delta=0.5,
                                       finite=torch.tensor(False))
     assert [float(x) for x in kept] == [3.0, 0.5, 2, False]
+    # The rule is pure tensor code: the mode checks delta and the threshold once, when it is built.
     with pytest.raises(ValueError, match=r"delta must be"):
-        funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(1.0), threshold=0.0, delta=1.0)
+        AESAM(threshold=0.0, delta=1.0)
     with pytest.raises(ValueError, match=r"threshold"):
-        funcsam.modes.adaptive_statistics(mean, var, count, take, torch.tensor(1.0), threshold=float("nan"), delta=0.5)
+        AESAM(threshold=float("nan"), delta=0.5)
 
 
 def test_threshold_moves_linearly_and_stays_at_end_past_total_steps():
     mode = AESAM(total_steps=4, start=1.0, end=-1.0)
-    assert [mode.threshold(t) for t in range(7)] == [1.0, 0.5, 0.0, -0.5, -1.0, -1.0, -1.0]
+    thresholds = [float(mode.threshold_at(torch.tensor(t))) for t in range(7)]
+    assert thresholds == [1.0, 0.5, 0.0, -0.5, -1.0, -1.0, -1.0]
+    assert thresholds[:5] == [funcsam.linear_threshold(t, 4) for t in range(5)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -313,11 +306,11 @@ def test_first_and_second_step_refuse_aesam(adapter):
 
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(total_steps=0), ValueError, r"total_steps must be an int >= 1"),
-    (dict(total_steps=10.0), TypeError, r"total_steps must be a Python int"),
-    (dict(total_steps=True), TypeError, r"total_steps must be a Python int"),
+    (dict(total_steps=10.0), TypeError, r"total_steps must be an int .* got float"),
+    (dict(total_steps=True), TypeError, r"total_steps must be an int .* got bool"),
     (dict(total_steps=10, delta=1.0), ValueError, r"delta must be in \[0, 1\)"),
     (dict(total_steps=10, delta=-0.1), ValueError, r"delta must be in \[0, 1\)"),
-    (dict(total_steps=10, delta=float("nan")), ValueError, r"delta must be in \[0, 1\)"),
+    (dict(total_steps=10, delta=float("nan")), ValueError, r"delta must be a finite number"),
     (dict(total_steps=10, delta=torch.tensor(0.9)), TypeError, r"delta must be a Python number"),
     (dict(total_steps=10, start=float("inf")), ValueError, r"start must be a finite real number"),
     (dict(total_steps=10, end=float("nan")), ValueError, r"end must be a finite real number"),
@@ -329,10 +322,10 @@ def test_bad_aesam_fields_are_refused_by_name(kwargs, error, match):
 
 
 def test_aesam_is_exported_frozen_and_refused_as_a_class():
-    assert funcsam.AESAM is AESAM and "AESAM" in funcsam.__all__ and "adaptive_statistics" in policy.__all__
+    assert funcsam.AESAM is AESAM and "AESAM" in funcsam.__all__ and "adaptive_statistics" in funcsam.modes.__all__
     mode = AESAM(10)
     with pytest.raises(AttributeError):
         mode.delta = 0.5
     assert mode == AESAM(total_steps=10, delta=0.9, start=1.0, end=-1.0)
-    with pytest.raises(TypeError, match=r"mode=AESAM\(total_steps=10000\), not AESAM itself"):
+    with pytest.raises(TypeError, match=r"mode=funcsam.AESAM\(total_steps=10000\), not AESAM itself"):
         funcsam.SAMSGD(mlp().parameters(), lr=0.1, mode=AESAM)

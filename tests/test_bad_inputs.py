@@ -100,6 +100,28 @@ def test_second_step_without_gradient_raises_with_params_at_w(kind):
     assert_trees_equal(params_and_buffers(model)[0], before)
 
 
+@pytest.mark.parametrize("with_model", [True, False])
+def test_closure_leaving_params_without_gradient_at_w_plus_e_names_them(with_model):
+    model = mlp()
+    inputs, targets = classification_batches(1, 8, (6,))[0]
+    optimizer = funcsam.SAMSGD(model.parameters(), lr=0.1, rho=0.05, model=model if with_model else None)
+    before = params_and_buffers(model)[0]
+    calls = []
+
+    def closure():  # the second call backpropagates through the last layer only
+        calls.append(1)
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(inputs) if len(calls) == 1 else model[2](torch.randn(8, 8)), targets)
+        loss.backward()
+        return loss
+
+    named = (r"0\.weight of shape \(8, 6\), 0\.bias of shape \(8,\)" if with_model
+             else r"param group 0, index 0 of shape \(8, 6\), param group 0, index 1 of shape \(8,\)")
+    with pytest.raises(RuntimeError, match=rf"2 parameter\(s\) had a gradient at w but none at w \+ e \({named}\)"):
+        optimizer.step(closure)
+    assert_trees_equal(params_and_buffers(model)[0], before)
+
+
 def test_samsgd_with_model_keeps_bn_buffers_on_non_finite_step():
     model = bn_convnet()
     inputs, targets = classification_batches(1, 4, (3, 5, 5))[0]

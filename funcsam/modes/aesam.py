@@ -93,6 +93,7 @@ class AESAM(Mode):
     state_type = AdaptiveState
     own_type = AdaptiveStatistics
     checkpoint_key = "adaptive"
+    example = "funcsam.AESAM(total_steps=10000)"
 
     def __post_init__(self):
         if self.threshold is None:
@@ -117,6 +118,13 @@ class AESAM(Mode):
         device = params[0].device
         return AdaptiveStatistics(*(torch.tensor(True if dtype == torch.bool else 0, dtype=dtype, device=device)
                                     for dtype in ADAPTIVE_DTYPES))
+
+    def own_state_problem(self, own: AdaptiveStatistics) -> str | None:
+        if not (bool(own.mean.isfinite()) and bool(own.var.isfinite()) and float(own.var) >= 0):
+            return "mean and var must be finite, var >= 0"
+        if int(own.count) < 0 or int(own.step) < 0:
+            return "count and step must be >= 0"
+        return None
 
     def threshold_at(self, step: Tensor) -> Tensor | float:
         """c_t for the 0-dim int ``step`` (computed in fp64, as :func:`linear_threshold` on the host)."""
@@ -182,6 +190,6 @@ def adaptive_statistics(mean: Tensor, var: Tensor, count: Tensor, take_next: Ten
 
 def check_delta(delta: Any) -> None:
     """AE-SAM's decay of its running statistics: a real in [0, 1)."""
-    check_scalar("delta", delta)
-    if not delta < 1:
+    check_scalar("delta", delta, minimum=-math.inf)  # the type; the range is said once, below
+    if not 0 <= delta < 1:
         raise ValueError(f"delta must be in [0, 1) (the statistics' decay, 0.9 in the paper), got {delta}")

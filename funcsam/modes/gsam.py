@@ -34,6 +34,8 @@ class GSAM(Mode):
 
     alpha: float = 0.2
 
+    example = "funcsam.GSAM(alpha=0.2)"
+
     def __post_init__(self):
         check_scalar("alpha", self.alpha)
 

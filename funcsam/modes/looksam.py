@@ -58,6 +58,7 @@ class LookSAM(Mode):
     own_type = LookSAMBuffers
     per_parameter = ("g_v",)
     checkpoint_key = "looksam_g_v"
+    example = "funcsam.LookSAM(k=5, alpha=0.7)"
 
     def __post_init__(self):
         check_int("k", self.k, minimum=1, meaning="SAM runs on steps 0, k, 2k, ...")

@@ -30,6 +30,7 @@ class MSAM(Mode):
 
     ascent = "momentum"
     two_halves = False
+    example = "funcsam.MSAM()"
 
     def check_momentum(self, has_momentum: bool, where: str) -> None:
         if not has_momentum:

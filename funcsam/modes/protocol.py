@@ -59,6 +59,7 @@ class Mode:
         own_type: the mode's own state NamedTuple, or None.
         per_parameter: the fields of ``own_type`` that hold one tensor per parameter.
         checkpoint_key: the key of the own state in an optimizer's ``state_dict()["funcsam"]``.
+        example: how to build one, for messages (``"funcsam.LookSAM(k=5, alpha=0.7)"``).
     """
 
     ascent: ClassVar[str] = "gradient"
@@ -68,6 +69,7 @@ class Mode:
     own_type: ClassVar[Any] = None
     per_parameter: ClassVar[tuple[str, ...]] = ()
     checkpoint_key: ClassVar[str | None] = None
+    example: ClassVar[str] = "funcsam.FullSAM()"
 
     # --- host side ------------------------------------------------------------------------------
 
@@ -92,6 +94,11 @@ class Mode:
     def observe(self, before: Any, after: Any, gradients: StepGradients, finite: Tensor) -> Any:
         """The own state the step leaves: ``after`` where the step was taken (``finite``), else ``before``."""
         return select_fields(finite, after, before)
+
+    def own_state_problem(self, own: Any) -> str | None:
+        """Why ``own`` (of ``own_type``, restored from a checkpoint) is no state a run of this mode can
+        have, or None. Host-side, read once at load time; shapes and dtypes are checked before."""
+        return None
 
     def first_norm(self, gradients: StepGradients) -> Tensor:
         """||g||, the plain norm of the first gradient."""
@@ -142,9 +149,10 @@ class FullSAM(Mode):
 
 
 def select_fields(condition: Tensor, if_true: Any, if_false: Any) -> Any:
-    """Fieldwise ``torch.where`` of two own states of one kind (per-parameter fields leafwise)."""
-    if if_true is None:
-        return None
+    """Fieldwise ``torch.where`` of two own states of one kind (per-parameter fields leafwise);
+    the same state twice (a step that left it as it was) comes back as it is, with no kernel."""
+    if if_true is None or if_true is if_false:
+        return if_true
     return type(if_true)(*[
         select(condition, a, b) if isinstance(a, (list, tuple)) else torch.where(condition, a, b)
         for a, b in zip(if_true, if_false)
@@ -168,8 +176,14 @@ def check_mode(mode: Any) -> Mode:
         return FullSAM()
     if isinstance(mode, Mode):
         return mode
+    from .schedules import every, late  # the factories, named in the message as the classes are
+
+    factories = ((every, "funcsam.every(5)"), (late, "funcsam.late(1000)"))
+    example = next((text for factory, text in factories if mode is factory), None)
     if isinstance(mode, type) and issubclass(mode, Mode):
-        raise TypeError(f"mode must be a mode object, e.g. mode=funcsam.{mode.__name__}(...), not the class itself")
+        example = mode.example
+    if example is not None:
+        raise TypeError(f"mode must be a mode object, e.g. mode={example}, not {mode.__name__} itself")
     raise TypeError(
         "mode must be None (SAM on every step), funcsam.every(k), funcsam.late(start_step), funcsam.LookSAM(k, alpha), "
         f"funcsam.MSAM(), funcsam.GSAM(alpha) or funcsam.AESAM(total_steps), got {type(mode).__name__} {mode!r:.80}"

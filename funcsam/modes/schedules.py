@@ -26,6 +26,9 @@ class Every(Mode):
 
     k: int
 
+    two_halves = False  # schedules decide per step how many passes to take
+    example = "funcsam.every(5)"
+
     def __post_init__(self):
         check_int("k", self.k, minimum=1, meaning="SAM runs on steps 0, k, 2k, ...; k=1 is SAM on every step")
 
@@ -41,6 +44,9 @@ class Late(Mode):
     Build it with :func:`late`."""
 
     start_step: int
+
+    two_halves = False
+    example = "funcsam.late(1000)"
 
     def __post_init__(self):
         check_int("start_step", self.start_step, minimum=0, meaning="the first (0-based) step that takes SAM")
