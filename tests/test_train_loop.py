@@ -54,9 +54,12 @@ def test_functional_and_adapter_apis_take_the_same_steps(tmp_path, case):
     for api in ("functional", "adapter"):
         assert cifar10.main(tiny_args(tmp_path / api, "--api", api, "--base", base, *flags)) == 0
     functional, adapter = final_params(tmp_path / "functional"), final_params(tmp_path / "adapter")
+    # Same math, different summation order: 20 SAM steps agree to float32 round-off. GSAM's g_orth is
+    # the small difference of two nearly parallel gradients, which grows that round-off to 2e-4 here
+    # (in float64 the two APIs agree to 1e-6).
+    atol = 5e-4 if case.startswith("sgd-gsam") else 1e-4
     for name in functional:
-        # Same math, different summation order: 20 SAM steps agree to float32 round-off.
-        torch.testing.assert_close(functional[name], adapter[name], rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(functional[name], adapter[name], rtol=1e-3, atol=atol)
 
 
 def test_sgd_takes_a_different_path_than_sam(tmp_path):
