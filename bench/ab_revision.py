@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 import funcsam
+from bench.report import time_interleaved
 from train.models import build_model
 
 
@@ -120,14 +120,7 @@ def main() -> None:
             for name, step in variants(pkg, model, batch).items():
                 if args.only is None or re.search(args.only, name):
                     steps[(name, label)] = step
-        for step in steps.values():
-            step()  # warm-up
-        times = {key: [] for key in steps}
-        for _ in range(args.rounds):
-            for key, step in steps.items():
-                start = time.perf_counter()
-                step()
-                times[key].append(time.perf_counter() - start)
+        times = time_interleaved(steps, args.rounds, warmup=1, device="cpu")
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"\n{args.model}, batch {args.batch_size}, channels_last, {torch.get_num_threads()} threads, torch "
           f"{torch.__version__}; median of {args.rounds} interleaved rounds (ms/step); new = this checkout "

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 import funcsam
+from bench.report import time_interleaved
 from funcsam.sources import FirstPass, MSharpness
 from train.models import build_model
 
@@ -100,14 +100,7 @@ def main():
               flush=True)
         steps[("vmap", m)] = make_variant(vmap_step, params, buffers, batch, loss_fn, m)
         steps[("loop", m)] = make_variant(loop_over_parts_step, params, buffers, batch, loss_fn, m)
-    for step in steps.values():
-        step()  # warm-up
-    times = {key: [] for key in steps}
-    for _ in range(args.rounds):
-        for key, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[key].append(time.perf_counter() - start)
+    times = time_interleaved(steps, args.rounds, warmup=1, device=args.device)
 
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{torch.get_num_threads()} CPU threads"
     print(f"\n{args.model}, batch {args.batch_size}, {where}, "
