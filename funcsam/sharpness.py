@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import torch
@@ -44,6 +45,11 @@ from .engine import unpack_loss_fn_output
 from .tree import PyTree, Tensor, dot, flatten, global_norm, unflatten
 
 HessianVectorProduct = Callable[[list], list]
+
+# torch.func.jvp's first call imports torch's jvp decompositions, which torch.jit.script compiles and
+# so warn that torch.jit.script is deprecated: torch's internals, nothing a caller can act on.
+# Exactly that warning is silenced, around the jvp call only.
+_JIT_SCRIPT_DEPRECATED = r"`?torch\.jit\.script`? is deprecated"
 
 
 class HessianEigenvalue(NamedTuple):
@@ -202,7 +208,10 @@ def _setup(
     gradient = grad(loss_of)
 
     def hvp(vector: list) -> list:
-        return [t.detach() for t in jvp(gradient, (leaves,), (list(vector),))[1]]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_JIT_SCRIPT_DEPRECATED, category=FutureWarning)
+            product = jvp(gradient, (leaves,), (list(vector),))[1]
+        return [t.detach() for t in product]
 
     return leaves, spec, hvp
 

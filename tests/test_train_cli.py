@@ -63,6 +63,18 @@ def test_bad_values_exit_2_with_a_reason(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, reason", [(["--epochs", "x"], "argument --epochs: invalid int value: 'x'"),
+                                          (["--epoch-count", "3"], "unrecognized arguments: --epoch-count 3"),
+                                          (["--model", "resnet18"], "argument --model: invalid choice: 'resnet18'"),
+                                          (["--rho", "-1"], "--rho must be a finite number >= 0, got -1.0")])
+def test_a_bad_flag_gets_two_lines_not_the_usage(argv, reason, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.main(argv)
+    assert exit_info.value.code == 2
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith(f"error: {reason}") and second == "run with --help for all flags"
+
+
 def test_cuda_asked_for_without_a_gpu_is_a_usage_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cifar10.torch.cuda, "is_available", lambda: False)
     assert cifar10.main(["--device", "cuda", "--dataset", "synthetic", "--out", str(tmp_path)]) == 2

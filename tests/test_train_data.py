@@ -114,6 +114,35 @@ def test_failed_download_says_where_to_put_the_files(tmp_path, monkeypatch):
     assert str(tmp_path / "cifar-10-python.tar.gz") in message and "--dataset synthetic" in message
 
 
+def fail_after_a_partial_archive(monkeypatch, error: BaseException) -> None:
+    """The download writes part of the archive, as torchvision's does when the connection drops."""
+    import torchvision.datasets.utils as tv_utils
+
+    def partial(url, download_root, filename, md5):
+        (Path(download_root) / filename).write_bytes(b"the first bytes")
+        raise error
+
+    monkeypatch.setattr(tv_utils, "download_and_extract_archive", partial)
+
+
+@pytest.mark.parametrize("error", [urllib.error.URLError("no network"), KeyboardInterrupt()])
+def test_failed_download_leaves_no_folder_and_no_partial_archive(tmp_path, monkeypatch, error):
+    fail_after_a_partial_archive(monkeypatch, error)
+    with pytest.raises(DatasetUnavailable if isinstance(error, Exception) else KeyboardInterrupt):
+        load_cifar("cifar10", tmp_path / "new" / "data")
+    assert list(tmp_path.iterdir()) == []  # both folders it created are gone
+
+
+def test_failed_download_keeps_the_users_folder_and_what_it_holds(tmp_path, monkeypatch):
+    data_dir = tmp_path / "mine"
+    data_dir.mkdir()
+    (data_dir / "notes.txt").write_text("mine")
+    fail_after_a_partial_archive(monkeypatch, urllib.error.URLError("no network"))
+    with pytest.raises(DatasetUnavailable):
+        load_cifar("cifar10", data_dir)
+    assert [p.name for p in data_dir.iterdir()] == ["notes.txt"]
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bad_shape", "bad_labels", "missing"])
 def test_damaged_batch_is_named_in_the_message(tmp_path, damage):
     write_cifar10(tmp_path)
@@ -136,14 +165,14 @@ def test_cli_offline_exits_2_with_a_short_message(tmp_path):
     env = {**os.environ, "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "no_proxy": "", "NO_PROXY": ""}
     result = subprocess.run(
-        [sys.executable, "-m", "train.cifar10", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
-         "--epochs", "1", "--warmup-epochs", "0", "--device", "cpu"],
+        [sys.executable, "-m", "train.cifar10", "--data-dir", str(tmp_path / "data"),
+         "--out", str(tmp_path / "runs" / "offline"), "--epochs", "1", "--warmup-epochs", "0", "--device", "cpu"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
     assert "--dataset synthetic" in result.stderr and "cifar-10-python.tar.gz" in result.stderr
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert list(tmp_path.iterdir()) == []  # neither the data folder nor the run folder (nor runs/) is left
 
 
 def test_cli_corrupt_data_exits_2(tmp_path, capsys):

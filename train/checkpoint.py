@@ -25,6 +25,8 @@ from typing import Any, Iterable
 
 import torch
 
+from train.folders import make_folders, remove_empty_folders
+
 FORMAT = "funcsam.train.checkpoint/1"
 CHECKPOINT_NAME = "checkpoint.pt"
 LOCK_NAME = ".lock"
@@ -164,19 +166,19 @@ def restore_rng_states(states: dict[str, Any]) -> None:
 class RunLock:
     """An exclusive lock on a run folder, held until ``release`` (or the process's death).
 
-    ``acquire`` creates the folder if needed; a folder it created and left empty is removed again
-    on release, so a run refused before writing anything leaves nothing behind."""
+    ``acquire`` creates the folder (and its missing parents) if needed; those it created and that
+    are left empty are removed again on release, so a run refused before writing anything leaves
+    nothing behind."""
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self.created = False
+        self.created: list[Path] = []
         self.fd: int | None = None
 
     def acquire(self) -> "RunLock":
         with writing(self.path):
-            self.created = not self.folder.exists()
-            self.folder.mkdir(parents=True, exist_ok=True)
+            self.created = make_folders(self.folder)
             while self.fd is None:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
                 try:
@@ -209,6 +211,4 @@ class RunLock:
             self.path.unlink()  # while still held: a waiting trainer then sees a fresh file
         os.close(self.fd)
         self.fd = None
-        if self.created:
-            with contextlib.suppress(OSError):
-                self.folder.rmdir()  # only succeeds when the run wrote nothing
+        remove_empty_folders(self.created)  # only those the run wrote nothing into

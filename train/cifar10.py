@@ -10,7 +10,8 @@ How it is fast: the data set sits on the device as uint8 and is augmented there,
 with ``--api functional`` (default) one step is one call of a pure function around
 ``funcsam.sam_step`` (both passes and the update), which ``--compile`` turns into one fullgraph
 ``torch.compile`` region; the learning rate travels as a 0-dim tensor so the schedule never
-recompiles; loss and accuracy are summed on the device and read every ``LOG_EVERY`` steps.
+recompiles; loss and accuracy are summed on the device and read every ``read_every(steps)`` steps
+(the progress bar's count moves every step without reading anything).
 ``--api adapter`` runs the same recipe through the closure-style ``funcsam.SAMSGD`` optimizer
 (``funcsam.SAM`` over ``torch.optim.AdamW`` with ``--base adamw``).
 
@@ -61,7 +62,16 @@ from train.models import build_model, count_parameters
 from train.reporting import SUMMARY_NAME, EpochClock, Reporter, epoch_row, header_line, make_summary
 from train.steppers import make_criterion, make_eval_step, make_stepper, memory_format, zero_totals
 
-LOG_EVERY = 50  # steps between host reads of the running loss (one device sync each)
+
+def read_every(steps_per_epoch: int) -> int:
+    """Steps between host reads of the epoch's running totals (the bar's loss, the divergence check).
+
+    A read waits for the device to finish every queued step, so a long epoch reads rarely (every 50
+    steps of CIFAR-10's 390); a short one still reads about four times, so that its bar shows a loss
+    within the first quarter of the epoch (5000 images in batches of 128: 39 steps, a read every 9).
+    It depends on nothing but the epoch's length, not on whether a bar is shown: under torchrun a
+    read is a collective, which every rank must make at the same steps."""
+    return min(50, max(1, steps_per_epoch // 4))
 
 
 class TrainingDiverged(Exception):
@@ -119,6 +129,7 @@ def train(args: argparse.Namespace) -> dict:
         eval_step = make_eval_step(model, args, mean, std)
         sharpness_batch = (normalize(train_images[:args.sharpness_images], mean, std), train_labels[:args.sharpness_images])
         start_epoch, history = resume(stepper, saved, out / ckpt.CHECKPOINT_NAME, report)
+        every = read_every(steps_per_epoch)
 
         parallel.barrier(dp)  # every rank has checked (and read) the checkpoint before rank 0 writes anything
         report.start(history, saved is None, header_line(args, count_parameters(model), device, len(train_labels),
@@ -131,18 +142,21 @@ def train(args: argparse.Namespace) -> dict:
                 rows, *augmentation = batch_of(plan, i, args.batch_size, dp)
                 totals = stepper.step(totals, train_images[rows], train_labels[rows], augmentation,
                                       epoch * steps_per_epoch + i)
-                if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
+                report.stepped()
+                if (i + 1) % every == 0 or i + 1 == steps_per_epoch:
                     reported = parallel.global_totals(totals, dp.world_size)
                     check_finite(reported, epoch, i)  # the same verdict on every rank
                     report.running(i + 1, reported, clock)
             clock.stop_training()
             step, row = (epoch + 1) * steps_per_epoch, None
             if dp.is_main:  # rank 0's model (its BatchNorm statistics) is the one evaluated and checkpointed
+                report.status("evaluating")
                 test_loss, test_acc = evaluate(eval_step, model, *stepper.params_buffers(), test,
                                                2 * args.batch_size, args.limit_steps)  # no gradients: twice the batch
                 row = epoch_row(epoch + 1, step, reported, steps_per_epoch * args.batch_size, test_loss, test_acc,
                                 learning_rate(step - 1, total, warmup, args.lr), clock)
                 if measures_sharpness(args, epoch):
+                    report.status(f"measuring sharpness on {args.sharpness_images} training images", log=True)
                     row.update(measure_sharpness(model, *stepper.params_buffers(), sharpness_batch, args))
                 ckpt.save(out / ckpt.CHECKPOINT_NAME, vars(args), epoch + 1, step, history + [row], stepper)
                 report.epoch(row)

@@ -53,8 +53,16 @@ class _Explicit(argparse.Action):
         setattr(namespace, f"_{self.dest}_given", True)
 
 
+class _ShortErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose error is two lines, the reason and where the flags are listed, rather
+    than the full usage (28 lines) above the one line that matters. Exit code 2, as argparse's."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message}\nrun with --help for all flags\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ShortErrorParser(
         prog="python -m train.cifar10",
         description="Train a CIFAR network with SAM or SGD (funcsam). Defaults follow sam.pytorch. "
                     "Exit codes: 0 done (or already complete), 2 a usage, data, checkpoint or run-folder "

@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 import os
 import pickle
+import shutil
 import urllib.error
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from train.folders import make_folders, remove_empty_folders
 
 
 class DatasetUnavailable(Exception):
@@ -146,9 +149,16 @@ def fetch_archive(source: CifarSource, data_dir: Path, download: bool) -> None:
         return
     if not download:
         raise DatasetUnavailable(f"{source.folder} not found under {data_dir}. " + where_to_put(source, data_dir))
+    extracted = data_dir / source.folder
     try:
         download_and_extract_archive(source.url, str(data_dir), filename=source.archive, md5=source.md5)
-    except (urllib.error.URLError, OSError, RuntimeError) as err:
+    except BaseException as err:
+        # Neither existed before: a partial archive would be refused as corrupt by the next run,
+        # a partial folder read as a data set with missing files.
+        archive.unlink(missing_ok=True)
+        shutil.rmtree(extracted, ignore_errors=True)
+        if not isinstance(err, (urllib.error.URLError, OSError, RuntimeError)):
+            raise  # an interruption (Ctrl-C, a stop signal) is not a download failure
         raise DatasetUnavailable(
             f"Could not download {source.url} ({type(err).__name__}: {err}). " + where_to_put(source, data_dir)
         ) from None
@@ -163,8 +173,12 @@ def load_cifar(name: str, data_dir: str | os.PathLike, download: bool = True) ->
     data_dir = Path(data_dir)
     folder = data_dir / source.folder
     if not folder.is_dir():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        fetch_archive(source, data_dir, download)
+        created = make_folders(data_dir)
+        try:
+            fetch_archive(source, data_dir, download)
+        except BaseException:
+            remove_empty_folders(created)  # a failed fetch leaves no empty --data-dir behind
+            raise
     try:
         train = read_split(folder, source.train_files, source)
         test = read_split(folder, source.test_files, source)

@@ -58,17 +58,24 @@ def make_summary(args, history: list[dict], num_params: int, device: torch.devic
         final_test_acc=last.get("test_acc"), best_test_acc=max((r["test_acc"] for r in history), default=None),
         final_train_loss=last.get("train_loss"),
         train_images_per_s=(sum(r["images_per_s"] for r in steady) / len(steady)) if steady else None,
-        total_seconds=sum(r["seconds"] for r in history),
-        **_last_sharpness(history),
+        # The epochs' training and evaluation, and the sharpness measurements made after them.
+        total_seconds=sum(r["seconds"] + r.get("sharpness_seconds", 0.0) for r in history),
+        **_sharpness(history),
     )
 
 
-def _last_sharpness(history: list[dict]) -> dict:
-    """The last --sharpness-every measurement (top eigenvalue, trace), if the run made one."""
+def _sharpness(history: list[dict]) -> dict:
+    """The last --sharpness-every measurement (top eigenvalue, trace) and the seconds all of them
+    took, if the run made one."""
     measured = [r for r in history if "top_eigenvalue" in r]
     if not measured:
         return {}
-    return dict(final_top_eigenvalue=measured[-1]["top_eigenvalue"], final_hessian_trace=measured[-1]["hessian_trace"])
+    return dict(final_top_eigenvalue=measured[-1]["top_eigenvalue"], final_hessian_trace=measured[-1]["hessian_trace"],
+                sharpness_seconds=sum(r["sharpness_seconds"] for r in measured))
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def closing_line(summary: dict, out: Path) -> str:
@@ -76,8 +83,10 @@ def closing_line(summary: dict, out: Path) -> str:
     best_text = "n/a" if best is None else f"{best:.4f}"
     final = summary["final_test_acc"]
     final_text = "n/a" if final is None else f"{final:.4f}"
-    return (f"done: {summary['epochs']} epochs, best test acc {best_text}, final {final_text}, "
-            f"{summary['total_seconds']:.1f}s in total; files in {out}/ "
+    measuring = summary.get("sharpness_seconds")
+    measuring_text = "" if measuring is None else f" ({measuring:.1f}s of it measuring sharpness)"
+    return (f"done: {plural(summary['epochs'], 'epoch')}, best test acc {best_text}, final {final_text}, "
+            f"{summary['total_seconds']:.1f}s in total{measuring_text}; files in {out}/ "
             f"({METRICS_NAME}, {SUMMARY_NAME}, {CHECKPOINT_NAME}, {ARGS_NAME})")
 
 
@@ -119,12 +128,21 @@ def epoch_row(epoch: int, step: int, totals, seen: int, test_loss: float, test_a
     )
 
 
+def sharpness_text(row: dict) -> str:
+    """The epoch line's account of a --sharpness-every measurement (empty for an epoch without one)."""
+    if "top_eigenvalue" not in row:
+        return ""
+    return (f"  sharpness ({row['sharpness_seconds']:.1f}s): top eig {row['top_eigenvalue']:.4g}, "
+            f"trace {row['hessian_trace']:.4g} +- {row['hessian_trace_stderr']:.2g}")
+
+
 class Reporter:
     """Rank 0's voice and files: ``start`` once, ``epoch`` per epoch, ``finish`` at the end."""
 
     def __init__(self, args, out: Path, is_main: bool):
         self.args, self.out, self.is_main = args, Path(out), is_main
         self.bar = self.tensorboard = None
+        self.epoch_number = 0
 
     def say(self, message: str) -> None:
         if self.is_main:
@@ -147,15 +165,29 @@ class Reporter:
         self.say(header)
 
     def epoch_started(self, epoch: int, steps: int) -> None:
+        self.epoch_number = epoch + 1
         self.bar = progress_bar(steps, epoch, self.args.epochs) if self.is_main else None
 
+    def stepped(self) -> None:
+        """One more training step queued: the bar's count moves, nothing is read from the device."""
+        if self.bar is not None:
+            self.bar.update(1)
+
     def running(self, steps_done: int, totals, clock: EpochClock) -> None:
-        """The bar's running loss, accuracy and speed (the totals are read only when there is a bar)."""
+        """The bar's running loss, accuracy and speed after ``steps_done`` steps (the totals are read
+        only when there is a bar; the trainer calls this only where it reads the device anyway)."""
         if self.bar is not None:
             seen = steps_done * self.args.batch_size
             self.bar.set_postfix(loss=f"{totals.loss_sum.item() / seen:.3f}", acc=f"{totals.correct.item() / seen:.3f}",
-                                 img_s=f"{seen / clock.elapsed():.0f}", refresh=False)
-            self.bar.update(steps_done - self.bar.n)
+                                 img_s=f"{seen / clock.elapsed():.0f}")
+
+    def status(self, doing: str, log: bool = False) -> None:
+        """What the epoch does after its steps: in the bar's description on a terminal; as a line
+        elsewhere if ``log`` (a wait long enough to look like a hang)."""
+        if self.bar is not None:
+            self.bar.set_description_str(f"epoch {self.epoch_number}/{self.args.epochs}: {doing}")
+        elif log:
+            self.say(f"epoch {self.epoch_number}/{self.args.epochs}: {doing} ...")
 
     def epoch(self, row: dict) -> None:
         """Append the epoch's metrics (after its checkpoint) and print its line."""
@@ -172,8 +204,8 @@ class Reporter:
             self.tensorboard.flush()
         print(f"epoch {row['epoch']}/{self.args.epochs}  train loss {row['train_loss']:.4f} acc {row['train_acc']:.4f}  "
               f"test loss {row['test_loss']:.4f} acc {row['test_acc']:.4f}  lr {row['lr']:.4g}  "
-              f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s", file=sys.stderr if bar else sys.stdout,
-              flush=True)
+              f"{row['seconds']:.1f}s  {row['images_per_s']:.0f} img/s{sharpness_text(row)}",
+              file=sys.stderr if bar else sys.stdout, flush=True)
 
     def finish(self, summary: dict) -> dict:
         if self.is_main:
