@@ -53,7 +53,8 @@ class SAM(SAMOptimizer):
             party's), built here as ``base_optimizer(self.param_groups, **base_kwargs)``.
         rho: neighbourhood radius (default 0.05).
         adaptive: ASAM, e = rho * T^2 g / (||T g|| + eps) with T = |w| + eta (use a larger rho, e.g. 2).
-        eta: ASAM's offset (default 0). eps: added to the gradient norm (default 1e-12).
+        eta: ASAM's offset (default 0).
+        eps: added to the gradient norm (default 1e-12).
         max_grad_norm: if given, the SAM gradient is clipped to this global norm before the base step.
         model: if given, its buffers (BatchNorm running statistics) are put back to their first-pass
             values after the second pass; in the closure style a skipped step also restores them to
@@ -181,7 +182,11 @@ class SAMSGD(SAMOptimizer):
         params: parameters or param groups, as for any ``torch.optim.Optimizer``. Each group may set
             its own ``lr``, ``momentum``, ``dampening``, ``weight_decay``, ``nesterov``, ``rho`` and
             ``adaptive``; the gradient norm that normalises the perturbation is global over all groups.
-        lr, momentum, dampening, weight_decay, nesterov: torch.optim.SGD's, with its exact semantics.
+        lr: learning rate, a float or a 0-dim tensor (torch.optim.SGD's, as the four below).
+        momentum: momentum factor (default 0).
+        dampening: dampening of the momentum (default 0).
+        weight_decay: L2 penalty added to the gradient (default 0).
+        nesterov: Nesterov momentum (default False).
         rho: neighbourhood radius (default 0.05); 0 in every group gives plain SGD with one pass.
         adaptive: ASAM, e = rho * T^2 g / (||T g|| + eps) with T = |w| + eta.
         eta: ASAM's offset (default 0).

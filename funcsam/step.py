@@ -112,9 +112,13 @@ def sam_step(
         loss_scale: a :class:`LossScaleState` for fp16 dynamic loss scaling (state, carried from
             step to step): both passes are scaled, the gradients unscaled, an overflow skips the
             step and backs the scale off.
-        momentum, dampening, weight_decay, nesterov: shorthand for ``base=funcsam.sgd(...)`` (each
-            defaults to 0 / False), torch.optim.SGD's with its exact semantics; weight decay is added
-            to the SAM gradient with the unperturbed weights. Passing any of them with ``base`` is an error.
+        momentum: with ``dampening``, ``weight_decay`` and ``nesterov``, a shorthand for
+            ``base=funcsam.sgd(...)`` (each defaults to 0 / False), torch.optim.SGD's with its exact
+            semantics. Passing any of the four with ``base`` is an error.
+        dampening: SGD's dampening of the momentum (shorthand, see ``momentum``).
+        weight_decay: SGD's L2 penalty, added to the SAM gradient with the unperturbed weights
+            (shorthand, see ``momentum``).
+        nesterov: SGD's Nesterov momentum (shorthand, see ``momentum``).
 
     Returns:
         :class:`SAMStepOutput`. When the loss or a gradient (either pass) is non-finite, params,

@@ -76,8 +76,8 @@ class AESAM(Mode):
         total_steps: T, an int >= 1: c_t moves linearly from ``start`` to ``end`` over T steps and
             stays at ``end`` after. Required unless ``threshold`` is given.
         delta: the statistics' decay, in [0, 1) (the paper's 0.9).
-        start, end: finite reals, c_0 and c_T (1 and -1: a high bar early, a low one late; about half
-            of a run's steps take SAM).
+        start: c_0, a finite real (1: a high bar early).
+        end: c_T, a finite real (-1: a low bar late; from 1 to -1 about half of a run's steps take SAM).
         threshold: a fixed c_t instead of the schedule, a finite real or a 0-dim floating tensor
             (a tensor does not recompile a compiled step as it changes); None: the schedule.
     """
@@ -150,7 +150,8 @@ def linear_threshold(step: int, total_steps: int, start: float = 1.0, end: float
     Args:
         step: the 0-based step t, an int in [0, total_steps].
         total_steps: T, the number of steps of the run, an int >= 1.
-        start, end: finite real numbers, c_0 and c_T.
+        start: c_0, a finite real number.
+        end: c_T, a finite real number.
     """
     check_int("total_steps", total_steps, minimum=1)
     check_int("step", step, minimum=0)

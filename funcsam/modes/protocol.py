@@ -49,7 +49,9 @@ class StepGradients(NamedTuple):
 class Mode:
     """Full SAM, and the defaults every mode starts from. Subclasses override what they change.
 
-    Class attributes (read by the pipelines, never an ``isinstance``):
+    The pipelines read its class attributes, never an ``isinstance``.
+
+    Attributes:
         ascent: ``"gradient"`` (SAM's e from g, two passes) or ``"momentum"`` (MSAM: e from the
             base's momentum before the step, one pass at w + e).
         uses_first_gradient: ``direction``/``observe`` read g on SAM steps (under
