@@ -51,14 +51,6 @@ def _check_value(name: str, value: float, minimum: float) -> None:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
 
 
-def check_sam_hyperparameters(*, lr, rho, eta: float, eps: float, max_grad_norm: float | None) -> None:
-    """Raise on the first bad hyperparameter of the SAM part of a step; silent when all are valid.
-    (The base optimizer checks its own when it is built: ``funcsam.sgd``, ``funcsam.adamw``, ...)"""
-    check_scalar("lr", lr, allow_tensor=True)
-    check_scalar("rho", rho, allow_tensor=True)
-    check_sam_options(eta=eta, eps=eps, max_grad_norm=max_grad_norm)
-
-
 def check_sam_options(*, eta: float, eps: float, max_grad_norm: float | None) -> None:
     """Raise on a bad ASAM offset, norm epsilon or clipping norm."""
     check_scalar("eta", eta)
