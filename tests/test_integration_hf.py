@@ -1,0 +1,307 @@
+"""funcsam.integrations.huggingface: SAMTrainer's steps against the same SAM steps written out by hand."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from transformers import TrainingArguments, get_linear_schedule_with_warmup  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
+
+import funcsam  # noqa: E402
+from funcsam.integrations.huggingface import SAMTrainer  # noqa: E402
+
+from helpers import assert_trees_close, params_and_buffers  # noqa: E402
+
+BATCH = 4  # per micro-batch
+
+
+class TinyClassifier(nn.Module):
+    """A transformers-style model: ``forward(x, labels)`` returns an output with ``.loss``."""
+
+    def __init__(self, seed: int = 0, dropout: float = 0.0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return SequenceClassifierOutput(loss=F.cross_entropy(logits, labels), logits=logits)
+
+
+def examples(count: int, seed: int = 1) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"x": torch.randn(6, generator=generator), "labels": torch.randint(0, 3, (), generator=generator)}
+            for _ in range(count)]
+
+
+def token_examples(count: int, seed: int = 1) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, 32, (5,), generator=generator),
+             "labels": torch.randint(0, 3, (), generator=generator)} for _ in range(count)]
+
+
+def windows(data: list[dict], steps: int, accumulation: int) -> list[list[dict]]:
+    """The micro-batches of each optimizer step, in the order of the Trainer's sequential sampler."""
+    batches = [{key: torch.stack([example[key] for example in data[i:i + BATCH]]) for key in data[0]}
+               for i in range(0, steps * accumulation * BATCH, BATCH)]
+    return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
+
+
+def training_args(tmp_path, **overrides) -> TrainingArguments:
+    settings = dict(output_dir=str(tmp_path), use_cpu=True, report_to=[], save_strategy="no", logging_strategy="no",
+                    dataloader_num_workers=0, max_steps=3, per_device_train_batch_size=BATCH, disable_tqdm=True,
+                    train_sampling_strategy="sequential", learning_rate=0.05, weight_decay=0.1, max_grad_norm=0.0)
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def trainer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """The Trainer's AdamW groups for these models: decay on weights, none on biases."""
+    named = list(model.named_parameters())
+    return [{"params": [p for n, p in named if "bias" not in n], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if "bias" in n], "weight_decay": 0.0}]
+
+
+def sam_by_hand(model, steps, *, rho, lr, groups, schedule, max_grad_norm=0.0, adaptive=False, sam_eps=1e-12,
+                autocast_dtype=None, loss_scale=None, takes_sam=lambda step: True, base=torch.optim.AdamW):
+    """SAM with gradient accumulation, written out with torch.autograd, one tensor at a time::
+
+        g = sum_i grad(L_i(w) / K);  e = rho g / (||g|| + eps)  (ASAM: rho T^2 g / (||T g|| + eps), T = |w|)
+        g_sam = sum_i grad(L_i(w + e) / K);  w <- w;  clip g_sam;  the base step (AdamW);  lr schedule
+
+    ``groups(model)`` gives the base optimizer's param groups, ``schedule(optimizer)`` the lr scheduler. With
+    ``loss_scale`` each micro-batch's loss is multiplied by it and the gradient by its float64 inverse
+    (GradScaler's arithmetic). Returns the params of a trained copy of ``model``.
+    """
+    model = copy.deepcopy(model)
+    params = list(model.parameters())
+    optimizer = base(groups(model), lr=lr)  # torch.optim.AdamW's defaults are the Trainer's: betas (0.9, 0.999), eps 1e-8
+    scheduler = schedule(optimizer)
+    inverse = None if loss_scale is None else 1.0 / loss_scale
+
+    def gradient(window):
+        total = [torch.zeros_like(p) for p in params]
+        for micro_batch in window:
+            with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = model(**micro_batch).loss.float() / len(window)
+            grads = torch.autograd.grad(loss if loss_scale is None else loss * loss_scale, params)
+            total = [t + g for t, g in zip(total, grads)]
+        return total if inverse is None else [t * torch.tensor(inverse, dtype=torch.float64).float() for t in total]
+
+    for step, window in enumerate(steps):
+        g = gradient(window)
+        if takes_sam(step):
+            with torch.no_grad():
+                w = [p.clone() for p in params]
+                scale = [p.abs() if adaptive else torch.ones_like(p) for p in params]
+                norm = torch.sqrt(sum(((t * gi) ** 2).sum() for t, gi in zip(scale, g)))
+                for p, t, gi in zip(params, scale, g):
+                    p.add_(rho * t * t * gi / (norm + sam_eps))
+            g = gradient(window)
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+        for p, gi in zip(params, g):
+            p.grad = gi
+        if max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return params_and_buffers(model)[0]
+
+
+def linear_schedule(max_steps: int, warmup: int = 0):
+    return lambda optimizer: get_linear_schedule_with_warmup(optimizer, warmup, max_steps)
+
+
+CASES = {
+    "plain": dict(),
+    "accumulation2": dict(gradient_accumulation_steps=2),
+    "clipping": dict(max_grad_norm=0.05),
+    "bf16-accumulation2-clipping": dict(bf16=True, gradient_accumulation_steps=2, max_grad_norm=0.05),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_trainer_steps_match_sam_by_hand(tmp_path, case):
+    settings = CASES[case]
+    accumulation = settings.get("gradient_accumulation_steps", 1)
+    model, data = TinyClassifier(), examples(3 * accumulation * BATCH)
+    trainer = SAMTrainer(model=copy.deepcopy(model), args=training_args(tmp_path, **settings), train_dataset=data,
+                         rho=0.1)
+    trainer.train()
+
+    expected = sam_by_hand(model, windows(data, 3, accumulation), rho=0.1, lr=0.05,
+                           groups=lambda m: trainer_groups(m, 0.1), schedule=linear_schedule(3),
+                           max_grad_norm=settings.get("max_grad_norm", 0.0),
+                           autocast_dtype=torch.bfloat16 if settings.get("bf16") else None)
+    assert_trees_close(params_and_buffers(trainer.model)[0], expected, atol=1e-6)
+    # The clipping binds (the case tests something), and plain SGD-like steps differ from SAM's.
+    without_sam = sam_by_hand(model, windows(data, 3, accumulation), rho=0.0, lr=0.05,
+                              groups=lambda m: trainer_groups(m, 0.1), schedule=linear_schedule(3),
+                              max_grad_norm=settings.get("max_grad_norm", 0.0),
+                              autocast_dtype=torch.bfloat16 if settings.get("bf16") else None)
+    assert max((expected[k] - without_sam[k]).abs().max() for k in expected) > 1e-4
+
+
+def test_own_asam_optimizer_and_warmup_scheduler_match_by_hand(tmp_path):
+    model, data = TinyClassifier(), examples(3 * 2 * BATCH)
+    trained = copy.deepcopy(model)
+    optimizer = funcsam.SAM(trained.parameters(), torch.optim.AdamW, rho=0.5, adaptive=True, lr=0.05,
+                            weight_decay=0.0, model=trained)
+    scheduler = get_linear_schedule_with_warmup(optimizer, 1, 3)
+    trainer = SAMTrainer(model=trained, args=training_args(tmp_path, gradient_accumulation_steps=2,
+                                                           max_grad_norm=0.5),
+                         train_dataset=data, optimizers=(optimizer, scheduler))
+    trainer.train()
+
+    assert trainer.sam_optimizer is optimizer and trainer.lr_scheduler is scheduler
+    expected = sam_by_hand(model, windows(data, 3, 2), rho=0.5, lr=0.05, adaptive=True, max_grad_norm=0.5,
+                           groups=lambda m: [{"params": list(m.parameters()), "weight_decay": 0.0}],
+                           schedule=linear_schedule(3, warmup=1))
+    assert_trees_close(params_and_buffers(trained)[0], expected, atol=1e-6)
+
+
+def test_every_second_step_takes_sam_and_the_others_the_plain_step(tmp_path):
+    model, data = TinyClassifier(), examples(3 * BATCH)
+    trained = copy.deepcopy(model)
+    optimizer = funcsam.SAM(trained.parameters(), torch.optim.AdamW, rho=0.1, lr=0.05, weight_decay=0.0,
+                            mode=funcsam.every(2))
+    SAMTrainer(model=trained, args=training_args(tmp_path), train_dataset=data, optimizers=(optimizer, None)).train()
+
+    expected = sam_by_hand(model, windows(data, 3, 1), rho=0.1, lr=0.05, takes_sam=lambda step: step % 2 == 0,
+                           groups=lambda m: [{"params": list(m.parameters()), "weight_decay": 0.0}],
+                           schedule=linear_schedule(3))
+    assert_trees_close(params_and_buffers(trained)[0], expected, atol=1e-6)
+
+
+def test_tiny_bert_steps_match_sam_by_hand(tmp_path):
+    config = transformers.BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=32, max_position_embeddings=8, num_labels=3,
+                                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model, data = transformers.BertForSequenceClassification(config), token_examples(3 * BATCH)
+    # SGD: the hand-written e rounds differently from funcsam's by an ulp, and Adam's m / sqrt(v) blows
+    # that up to 1e-4 on the embedding rows whose gradient is almost zero (SGD: 1e-8; rho = 0: equal).
+    args = training_args(tmp_path, optim="sgd", weight_decay=0.0, max_grad_norm=1.0)
+    trainer = SAMTrainer(model=copy.deepcopy(model), args=args, train_dataset=data, rho=0.1)
+    trainer.train()
+
+    expected = sam_by_hand(model, windows(data, 3, 1), rho=0.1, lr=0.05, max_grad_norm=1.0, base=torch.optim.SGD,
+                           groups=lambda m: [{"params": list(m.parameters()), "weight_decay": 0.0}],
+                           schedule=linear_schedule(3))
+    assert_trees_close(params_and_buffers(trainer.model)[0], expected, atol=1e-6)
+
+
+def fp16_trainer_on_the_cpu(tmp_path, model, data, optimizer, init_scale: float, **settings) -> SAMTrainer:
+    """A Trainer with fp16=True whose accelerator holds a CPU GradScaler and autocasts to fp16, as it
+    does on a GPU (accelerate gives the CPU no scaler: ``Accelerator(mixed_precision="fp16", cpu=True)``
+    has ``scaler=None`` and runs in fp32). Set before ``train()``, which prepares the optimizer with it."""
+    trainer = SAMTrainer(model=model, args=training_args(tmp_path, fp16=True, **settings), train_dataset=data,
+                         optimizers=(optimizer, None))
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    trainer.accelerator.native_amp = True
+    return trainer
+
+
+def test_fp16_grad_scaler_steps_match_scaled_steps_by_hand(tmp_path):
+    model, data = TinyClassifier(), examples(3 * 2 * BATCH)
+    trained = copy.deepcopy(model)
+    # eps comparable to ||g||: a climb from the still scaled gradient would move elsewhere.
+    optimizer = funcsam.SAM(trained.parameters(), torch.optim.AdamW, rho=0.1, eps=0.5, lr=0.05, weight_decay=0.0)
+    trainer = fp16_trainer_on_the_cpu(tmp_path, trained, data, optimizer, 2.0 ** 10, gradient_accumulation_steps=2,
+                                      max_grad_norm=0.05)
+    trainer.train()
+
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 10  # no overflow, no growth yet
+    expected = sam_by_hand(model, windows(data, 3, 2), rho=0.1, lr=0.05, sam_eps=0.5, max_grad_norm=0.05,
+                           autocast_dtype=torch.float16, loss_scale=2.0 ** 10,
+                           groups=lambda m: [{"params": list(m.parameters()), "weight_decay": 0.0}],
+                           schedule=linear_schedule(3))
+    assert_trees_close(params_and_buffers(trained)[0], expected, atol=1e-6)
+
+
+def test_fp16_overflow_skips_the_step_with_the_weights_back_at_w(tmp_path):
+    model, data = TinyClassifier(), examples(3 * BATCH)
+    trained = copy.deepcopy(model)
+    optimizer = funcsam.SAM(trained.parameters(), torch.optim.AdamW, rho=0.1, lr=0.05)
+    # 2^24 overflows fp16's backward on every step: all three are skipped, the scale backs off each time.
+    trainer = fp16_trainer_on_the_cpu(tmp_path, trained, data, optimizer, 2.0 ** 24, max_grad_norm=1.0)
+    trainer.train()
+
+    assert trainer.accelerator.scaler.get_scale() == 2.0 ** 21
+    assert trainer.accelerator.optimizer_step_was_skipped
+    for name, p in trained.named_parameters():
+        assert torch.equal(p, dict(model.named_parameters())[name]), name
+    assert optimizer.state == {} or all(not state for state in optimizer.state.values())
+
+
+def test_both_passes_draw_their_own_dropout_mask(tmp_path):
+    model = TinyClassifier(dropout=0.5)
+    masks = []
+    model.net[2].register_forward_hook(lambda module, inputs, output: masks.append(output == 0))
+    SAMTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=examples(BATCH), rho=0.1).train()
+
+    assert len(masks) == 2 and masks[0].any() and masks[1].any()
+    assert not torch.equal(masks[0], masks[1])
+
+
+def test_the_replayed_pass_leaves_batchnorm_statistics_of_the_pass_at_w(tmp_path):
+    class WithBatchNorm(TinyClassifier):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.BatchNorm1d(6)
+
+        def forward(self, x, labels=None):
+            return super().forward(self.norm(x), labels)
+
+    model, data = WithBatchNorm(), examples(BATCH)
+    SAMTrainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=data, rho=0.1).train()
+
+    x = torch.stack([example["x"] for example in data])
+    expected_mean = 0.9 * torch.zeros(6) + 0.1 * x.mean(dim=0)  # one update, from the pass at w only
+    torch.testing.assert_close(model.norm.running_mean, expected_mean, atol=1e-7, rtol=0.0)
+    assert int(model.norm.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("optimizer, problem", [
+    (lambda params: funcsam.SAMSGD(params, lr=0.1), "takes a funcsam.SAM"),
+    (lambda params: torch.optim.AdamW(params), "takes a funcsam.SAM"),
+    (lambda params: funcsam.SAM(params, torch.optim.AdamW, max_grad_norm=1.0), "TrainingArguments\\(max_grad_norm"),
+    (lambda params: funcsam.SAM(params, torch.optim.AdamW, mode=funcsam.GSAM(alpha=0.1)), "changes the direction"),
+    (lambda params: funcsam.SAM(params, torch.optim.SGD, lr=0.1, momentum=0.9, mode=funcsam.MSAM()),
+     "changes the direction"),
+], ids=["samsgd", "plain_adamw", "sam_clipping", "gsam", "msam"])
+def test_optimizers_the_trainer_cannot_step_are_refused_by_name(tmp_path, optimizer, problem):
+    model = TinyClassifier()
+    with pytest.raises((TypeError, ValueError), match=problem):
+        SAMTrainer(model=model, args=training_args(tmp_path), train_dataset=examples(BATCH),
+                   optimizers=(optimizer(model.parameters()), None))
+
+
+def test_rho_beside_an_own_sam_optimizer_is_refused(tmp_path):
+    model = TinyClassifier()
+    optimizer = funcsam.SAM(model.parameters(), torch.optim.AdamW, rho=0.05)
+    with pytest.raises(ValueError, match="set them in funcsam.SAM"):
+        SAMTrainer(model=model, args=training_args(tmp_path), train_dataset=examples(BATCH),
+                   optimizers=(optimizer, None), rho=0.1)
+
+
+def test_built_optimizer_wraps_the_trainers_adamw_with_its_groups(tmp_path):
+    trainer = SAMTrainer(model=TinyClassifier(), args=training_args(tmp_path, adam_epsilon=1e-6), rho=0.2,
+                         train_dataset=examples(BATCH))
+    base = trainer.create_optimizer()
+
+    assert base is trainer.sam_optimizer.base_optimizer and type(base) is torch.optim.AdamW
+    assert [group["weight_decay"] for group in base.param_groups] == [0.1, 0.0]
+    assert all(group["eps"] == 1e-6 and group["rho"] == 0.2 and math.isclose(group["lr"], 0.05)
+               for group in base.param_groups)
