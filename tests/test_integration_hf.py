@@ -19,7 +19,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 import funcsam  # noqa: E402
 from funcsam.integrations.huggingface import SAMTrainer  # noqa: E402
 
-from helpers import assert_trees_close, params_and_buffers  # noqa: E402
+from helpers import adamw_by_hand, assert_trees_close, params_and_buffers, reference_sam  # noqa: E402
+from test_examples_plain import load_example  # noqa: E402
 
 BATCH = 4  # per micro-batch
 
@@ -242,7 +243,7 @@ def test_fp16_overflow_skips_the_step_with_the_weights_back_at_w(tmp_path):
     assert trainer.accelerator.optimizer_step_was_skipped
     for name, p in trained.named_parameters():
         assert torch.equal(p, dict(model.named_parameters())[name]), name
-    assert optimizer.state == {} or all(not state for state in optimizer.state.values())
+    assert not any(optimizer.base_optimizer.state.values())
 
 
 def test_both_passes_draw_their_own_dropout_mask(tmp_path):
@@ -305,3 +306,24 @@ def test_built_optimizer_wraps_the_trainers_adamw_with_its_groups(tmp_path):
     assert [group["weight_decay"] for group in base.param_groups] == [0.1, 0.0]
     assert all(group["eps"] == 1e-6 and group["rho"] == 0.2 and math.isclose(group["lr"], 0.05)
                for group in base.param_groups)
+
+
+def test_accelerate_example_takes_sam_adamw_steps_by_hand():
+    model = load_example("accelerate_sam").main(["--cpu", "--steps", "3", "--batch-size", "16"])
+
+    toy = load_example("toy_task")
+    inputs, targets = toy.make_data(0)
+    expected, _ = reference_sam(toy.make_model(0), toy.batches(inputs, targets, 16, 3, 0), rho=0.05, max_grad_norm=1.0,
+                                descend=adamw_by_hand(lr=3e-3, weight_decay=0.01, lr_factor=lambda step: 1 - step / 3))
+    assert_trees_close(params_and_buffers(model)[0], expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("choice", [[], ["--own-optimizer"]], ids=["rho", "own_optimizer"])
+def test_trainer_example_trains_with_either_optimizer(tmp_path, choice):
+    example = load_example("hf_trainer_sam")
+    trainer = example.main(["--steps", "2", "--examples", "32", "--batch-size", "8", "--accumulation", "2",
+                            "--output-dir", str(tmp_path), *choice])
+
+    assert trainer.state.global_step == 2 and isinstance(trainer.sam_optimizer, funcsam.SAM)
+    initial = dict(example.make_model(0).named_parameters())
+    assert all(not torch.equal(p, initial[name]) for name, p in trainer.model.named_parameters() if "classifier" in name)
