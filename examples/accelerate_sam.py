@@ -29,20 +29,15 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 import funcsam
-from toy_task import accuracy, batches, make_data, make_model
+from toy_task import accuracy, argument_parser, batches, make_data, make_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=64, help="per process")
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--rho", type=float, default=0.05)
+    parser = argument_parser(__doc__.splitlines()[0], lr=3e-3)  # --batch-size is per process
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--local-perturbation", action="store_true", help="each replica climbs along its own g")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 

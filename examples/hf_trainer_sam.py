@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> SAMTrainer:
             sam = dict(optimizers=(optimizer, None))
         else:
             sam = dict(rho=args.rho)  # SAM over the AdamW the Trainer builds from training_args
-        trainer = SAMTrainer(model=model, args=training_args, train_dataset=make_dataset(args.examples, args.seed), **sam)
+        data = make_dataset(args.examples, args.seed)
+        trainer = SAMTrainer(model=model, args=training_args, train_dataset=data, **sam)
         trainer.train()
     return trainer
 

@@ -16,17 +16,12 @@ import argparse
 import torch.nn.functional as F
 
 import funcsam
-from toy_task import accuracy, batches, make_data, make_model
+from toy_task import accuracy, argument_parser, batches, make_data, make_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser = argument_parser(__doc__.splitlines()[0], lr=0.05)
     parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per batch (1: none)")
-    parser.add_argument("--lr", type=float, default=0.05)
-    parser.add_argument("--rho", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 

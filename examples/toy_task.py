@@ -5,6 +5,8 @@ Synthetic so that the examples run offline in seconds (300 SAM steps: 99 % train
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn as nn
 
@@ -39,3 +41,14 @@ def batches(inputs: torch.Tensor, targets: torch.Tensor, batch_size: int, steps:
 @torch.no_grad()
 def accuracy(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> float:
     return (model(inputs).argmax(dim=1) == targets).float().mean().item()
+
+
+def argument_parser(description: str, *, lr: float) -> argparse.ArgumentParser:
+    """The flags every toy-task example takes: --steps, --batch-size, --lr (default ``lr``), --rho, --seed."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--rho", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser

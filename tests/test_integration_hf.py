@@ -84,7 +84,7 @@ def sam_by_hand(model, steps, *, rho, lr, groups, schedule, max_grad_norm=0.0, a
     """
     model = copy.deepcopy(model)
     params = list(model.parameters())
-    optimizer = base(groups(model), lr=lr)  # torch.optim.AdamW's defaults are the Trainer's: betas (0.9, 0.999), eps 1e-8
+    optimizer = base(groups(model), lr=lr)  # AdamW's defaults are the Trainer's: betas (0.9, 0.999), eps 1e-8
     scheduler = schedule(optimizer)
     inverse = None if loss_scale is None else 1.0 / loss_scale
 
@@ -326,4 +326,5 @@ def test_trainer_example_trains_with_either_optimizer(tmp_path, choice):
 
     assert trainer.state.global_step == 2 and isinstance(trainer.sam_optimizer, funcsam.SAM)
     initial = dict(example.make_model(0).named_parameters())
-    assert all(not torch.equal(p, initial[name]) for name, p in trainer.model.named_parameters() if "classifier" in name)
+    trained = dict(trainer.model.named_parameters())
+    assert not any(torch.equal(trained[name], initial[name]) for name in initial if "classifier" in name)
