@@ -39,7 +39,7 @@ from transformers import Trainer
 from ..grad_scaler import inverse_scale, unscaled_grads
 from ..hyperparameters import is_static_zero
 from ..modes.protocol import Mode
-from ..optimizer import SAM, SAMSGD
+from ..optimizer import SAM
 from ..param_groups import with_gradients
 from ..two_halves import Perturbed, climb, come_back
 
@@ -74,12 +74,12 @@ class SAMTrainer(Trainer):
 
     def __init__(self, *args, rho: float | None = None, adaptive: bool = False, **kwargs):
         optimizer, scheduler = kwargs.get("optimizers", (None, None))
-        if isinstance(optimizer, SAMSGD) or (optimizer is not None and not isinstance(optimizer, SAM)):
+        if optimizer is not None and not isinstance(optimizer, SAM):
             raise TypeError(
                 f"SAMTrainer's optimizers=(optimizer, scheduler) takes a funcsam.SAM or None, got "
                 f"{type(optimizer).__name__}: wrap the base optimizer, e.g. funcsam.SAM(model.parameters(), "
-                "torch.optim.AdamW, rho=0.05, lr=5e-5), or pass optimizers=(None, None) and rho= to wrap the "
-                "optimizer the Trainer builds from its arguments")
+                "torch.optim.AdamW, rho=0.05, lr=5e-5) (for SAMSGD: funcsam.SAM(..., torch.optim.SGD, ...)), or pass "
+                "optimizers=(None, None) and rho= to wrap the optimizer the Trainer builds from its arguments")
         if optimizer is not None and (rho is not None or adaptive):
             raise ValueError("rho and adaptive are the funcsam.SAM's: set them in funcsam.SAM(..., rho=, adaptive=) "
                              "and leave SAMTrainer's rho/adaptive out, or pass no optimizer")
@@ -104,7 +104,6 @@ class SAMTrainer(Trainer):
             groups = [dict(group) for group in base.param_groups]  # with Adam's eps, which SAM's own eps would shadow
             self.sam_optimizer = SAM(groups, type(base), rho=self._rho, adaptive=self._adaptive,
                                      model=self.model if model is None else model)
-            check_trainer_sam(self.sam_optimizer)
             self.optimizer = self.sam_optimizer.base_optimizer
         return self.optimizer
 
@@ -136,7 +135,7 @@ class SAMTrainer(Trainer):
         micro-batches with the Trainer's own loss scaling); the parameters end back at w."""
         perturbed = climb_to_perturbed_point(self.sam_optimizer, self.accelerator.scaler)
         try:
-            self.sam_optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # every p.grad, also of params the SAM does not hold: clipping reads them
             for index, micro_batch in enumerate(micro_batches):
                 last = index == len(micro_batches) - 1
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
