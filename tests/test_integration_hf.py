@@ -331,3 +331,25 @@ def test_trainer_example_trains_with_either_optimizer(tmp_path, choice):
     initial = dict(example.make_model(0).named_parameters())
     trained = dict(trainer.model.named_parameters())
     assert not any(torch.equal(trained[name], initial[name]) for name in initial if "classifier" in name)
+
+
+def test_a_run_resumed_from_a_checkpoint_takes_the_same_steps(tmp_path):
+    # An own SAM with a scheduler built on it: after the checkpoint's load_state_dict replaced the base
+    # optimizer's param groups, the schedule must still reach the steps.
+    model, data = TinyClassifier(), examples(3 * 2 * BATCH)
+
+    def trainer(output_dir, **settings):
+        trained = copy.deepcopy(model)
+        optimizer = funcsam.SAM(trained.parameters(), torch.optim.AdamW, rho=0.1, lr=0.05)
+        scheduler = get_linear_schedule_with_warmup(optimizer, 1, 3)
+        args = training_args(tmp_path / output_dir, gradient_accumulation_steps=2, **settings)
+        return SAMTrainer(model=trained, args=args, train_dataset=data, optimizers=(optimizer, scheduler))
+
+    straight = trainer("straight")
+    straight.train()
+    trainer("resumed", save_strategy="steps", save_steps=2).train()
+    resumed = trainer("resumed", save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "resumed" / "checkpoint-2"))
+
+    assert resumed.state.global_step == 3
+    assert_trees_close(params_and_buffers(resumed.model)[0], params_and_buffers(straight.model)[0], atol=1e-7)
