@@ -38,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     parser.add_argument("--local-perturbation", action="store_true", help="each replica climbs along its own g")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
+    parser.add_argument("--save", default=None, help="write the trained model's state_dict here (main process)")
     return parser.parse_args(argv)
 
 
@@ -70,8 +71,10 @@ def main(argv: list[str] | None = None):
         scheduler.step()
         if step % 100 == 0 or step == args.steps - 1:
             accelerator.print(f"step {step:4d}  loss at w {loss.item():.4f}")
-    model = accelerator.unwrap_model(model)
-    accelerator.print(f"train accuracy {accuracy(model.cpu(), inputs, targets):.3f}")
+    model = accelerator.unwrap_model(model).cpu()
+    accelerator.print(f"train accuracy {accuracy(model, inputs, targets):.3f}")
+    if args.save and accelerator.is_main_process:
+        torch.save(model.state_dict(), args.save)
     return model
 
 

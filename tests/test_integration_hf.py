@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +22,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 import funcsam  # noqa: E402
 from funcsam.integrations.huggingface import SAMTrainer  # noqa: E402
 
-from helpers import adamw_by_hand, assert_trees_close, params_and_buffers, reference_sam  # noqa: E402
-from test_examples_plain import load_example  # noqa: E402
+from helpers import adamw_by_hand, assert_trees_close, launch_gloo_ranks, params_and_buffers, reference_sam  # noqa: E402
+from test_examples_plain import EXAMPLES, load_example  # noqa: E402
 
 BATCH = 4  # per micro-batch
 
@@ -319,6 +321,63 @@ def test_accelerate_example_takes_sam_adamw_steps_by_hand():
     expected, _ = reference_sam(toy.make_model(0), toy.batches(inputs, targets, 16, 3, 0), rho=0.05, max_grad_norm=1.0,
                                 descend=adamw_by_hand(lr=3e-3, weight_decay=0.01, lr_factor=lambda step: 1 - step / 3))
     assert_trees_close(params_and_buffers(model)[0], expected, atol=1e-6)
+
+
+def per_replica_sam_by_hand(model, batches, *, replicas, rho, max_grad_norm, descend):
+    """SAM with each replica's own perturbation, written out with torch.autograd (BatchNorm-free models)::
+
+        e_r = rho g_r / (||g_r|| + 1e-12),  g_r = grad L_r(w) on replica r's contiguous rows
+        g_sam = mean_r grad L_r(w + e_r), clipped to max_grad_norm; descend(step, name, p, g_sam, state)
+    """
+    model = copy.deepcopy(model)
+    names, params = zip(*model.named_parameters())
+    states = {name: {} for name in names}
+
+    def gradient(inputs, targets):
+        return torch.autograd.grad(F.cross_entropy(model(inputs), targets), params)
+
+    for step, (inputs, targets) in enumerate(batches):
+        g_sam = [torch.zeros_like(p) for p in params]
+        for replica_inputs, replica_targets in zip(inputs.chunk(replicas), targets.chunk(replicas)):
+            g = gradient(replica_inputs, replica_targets)
+            with torch.no_grad():
+                w = [p.clone() for p in params]
+                norm = torch.sqrt(sum((gi ** 2).sum() for gi in g))
+                for p, gi in zip(params, g):
+                    p.add_(rho * gi / (norm + 1e-12))
+            g_sam = [total + gi / replicas for total, gi in zip(g_sam, gradient(replica_inputs, replica_targets))]
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+        with torch.no_grad():
+            norm = torch.sqrt(sum((gi ** 2).sum() for gi in g_sam))
+            for name, p, gi in zip(names, params, g_sam):
+                descend(step, name, p, gi * min(1.0, max_grad_norm / (float(norm) + 1e-6)), states[name])
+    return params_and_buffers(model)[0]
+
+
+@pytest.mark.slow
+def test_accelerate_example_on_two_processes_perturbs_globally_or_per_replica(tmp_path):
+    settings = ["--cpu", "--steps", "3", "--batch-size", "8"]
+    runs = {"global": [], "local": ["--local-perturbation"]}
+    code = "; ".join([f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); import accelerate_sam"] + [
+        f"accelerate_sam.main({settings + flags + ['--save', str(tmp_path / name)]!r})" for name, flags in runs.items()])
+    ranks = launch_gloo_ranks([sys.executable, "-c", code], 2, timeout=120,
+                              extra_env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert all(rank.returncode == 0 for rank in ranks), [rank.stderr[-2000:] for rank in ranks]
+
+    toy = load_example("toy_task")
+    inputs, targets = toy.make_data(0)
+    global_batches = toy.batches(inputs, targets, 16, 3, 0)  # 8 rows per process
+    descend = functools.partial(adamw_by_hand, lr=3e-3, weight_decay=0.01, lr_factor=lambda step: 1 - step / 3)
+    expected = {
+        "global": reference_sam(toy.make_model(0), global_batches, rho=0.05, max_grad_norm=1.0, descend=descend())[0],
+        "local": per_replica_sam_by_hand(toy.make_model(0), global_batches, replicas=2, rho=0.05, max_grad_norm=1.0,
+                                         descend=descend()),
+    }
+    for name in runs:
+        assert_trees_close(torch.load(tmp_path / name), expected[name], atol=1e-6)
+    assert largest_difference(expected["global"], expected["local"]) > 1e-6
 
 
 @pytest.mark.parametrize("choice", [[], ["--own-optimizer"]], ids=["rho", "own_optimizer"])
