@@ -53,10 +53,10 @@ def token_examples(count: int, seed: int = 1) -> list[dict]:
              "labels": torch.randint(0, 3, (), generator=generator)} for _ in range(count)]
 
 
-def windows(data: list[dict], steps: int, accumulation: int) -> list[list[dict]]:
+def windows(data: list[dict], steps: int, accumulation: int, batch: int = BATCH) -> list[list[dict]]:
     """The micro-batches of each optimizer step, in the order of the Trainer's sequential sampler."""
-    batches = [{key: torch.stack([example[key] for example in data[i:i + BATCH]]) for key in data[0]}
-               for i in range(0, steps * accumulation * BATCH, BATCH)]
+    batches = [{key: torch.stack([example[key] for example in data[i:i + batch]]) for key in data[0]}
+               for i in range(0, steps * accumulation * batch, batch)]
     return [batches[i:i + accumulation] for i in range(0, len(batches), accumulation)]
 
 
@@ -356,28 +356,58 @@ def per_replica_sam_by_hand(model, batches, *, replicas, rho, max_grad_norm, des
     return params_and_buffers(model)[0]
 
 
-@pytest.mark.slow
-def test_accelerate_example_on_two_processes_perturbs_globally_or_per_replica(tmp_path):
-    settings = ["--cpu", "--steps", "3", "--batch-size", "8"]
-    runs = {"global": [], "local": ["--local-perturbation"]}
-    code = "; ".join([f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); import accelerate_sam"] + [
-        f"accelerate_sam.main({settings + flags + ['--save', str(tmp_path / name)]!r})" for name, flags in runs.items()])
-    ranks = launch_gloo_ranks([sys.executable, "-c", code], 2, timeout=120,
-                              extra_env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
-    assert all(rank.returncode == 0 for rank in ranks), [rank.stderr[-2000:] for rank in ranks]
+TWO_PROCESS_RUNS = {"global": [], "local": ["--local-perturbation"]}  # accelerate example runs, by the flags added
+TWO_PROCESS_EXAMPLE = ["--cpu", "--steps", "3", "--batch-size", "8"]  # 8 rows per process: global batches of 16
 
+
+def train_on_each_process(out_dir: str) -> None:
+    """What each of the two gloo processes runs: the accelerate example both ways, then a SAMTrainer
+    with accumulation 2 and clipping (each process takes every other micro-batch of 4)."""
+    out_dir = Path(out_dir)
+    example = load_example("accelerate_sam")
+    for name, flags in TWO_PROCESS_RUNS.items():
+        example.main(TWO_PROCESS_EXAMPLE + flags + ["--save", str(out_dir / name)])
+    args = training_args(out_dir / "trainer", gradient_accumulation_steps=2, max_grad_norm=0.05)
+    trainer = SAMTrainer(model=TinyClassifier(), args=args, train_dataset=examples(3 * 2 * 2 * BATCH), rho=0.1)
+    trainer.train()
+    if trainer.is_world_process_zero():
+        torch.save(trainer.model.state_dict(), out_dir / "trainer.pt")
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory) -> Path:
+    out_dir = tmp_path_factory.mktemp("two_processes")
+    code = f"import test_integration_hf; test_integration_hf.train_on_each_process({str(out_dir)!r})"
+    tests = Path(__file__).resolve().parent
+    ranks = launch_gloo_ranks([sys.executable, "-c", code], 2, timeout=180,
+                              extra_env={"PYTHONPATH": f"{tests.parent}:{tests}"})
+    assert all(rank.returncode == 0 for rank in ranks), [rank.stderr[-2000:] for rank in ranks]
+    return out_dir
+
+
+@pytest.mark.slow
+def test_accelerate_example_on_two_processes_perturbs_globally_or_per_replica(two_process_runs):
     toy = load_example("toy_task")
     inputs, targets = toy.make_data(0)
-    global_batches = toy.batches(inputs, targets, 16, 3, 0)  # 8 rows per process
+    global_batches = toy.batches(inputs, targets, 16, 3, 0)
     descend = functools.partial(adamw_by_hand, lr=3e-3, weight_decay=0.01, lr_factor=lambda step: 1 - step / 3)
     expected = {
         "global": reference_sam(toy.make_model(0), global_batches, rho=0.05, max_grad_norm=1.0, descend=descend())[0],
         "local": per_replica_sam_by_hand(toy.make_model(0), global_batches, replicas=2, rho=0.05, max_grad_norm=1.0,
                                          descend=descend()),
     }
-    for name in runs:
-        assert_trees_close(torch.load(tmp_path / name), expected[name], atol=1e-6)
+    for name in TWO_PROCESS_RUNS:
+        assert_trees_close(torch.load(two_process_runs / name), expected[name], atol=1e-6)
     assert largest_difference(expected["global"], expected["local"]) > 1e-6
+
+
+@pytest.mark.slow
+def test_trainer_on_two_processes_takes_sam_steps_on_the_global_batch(two_process_runs):
+    # DDP averages the two processes' gradients: each micro-batch step is that of their 8 rows together.
+    data = examples(3 * 2 * 2 * BATCH)
+    expected = sam_by_hand(TinyClassifier(), windows(data, 3, 2, batch=2 * BATCH), rho=0.1, lr=0.05, max_grad_norm=0.05,
+                           groups=lambda m: trainer_groups(m, 0.1), schedule=linear_schedule(3))
+    assert_trees_close(torch.load(two_process_runs / "trainer.pt"), expected, atol=1e-6)
 
 
 @pytest.mark.parametrize("choice", [[], ["--own-optimizer"]], ids=["rho", "own_optimizer"])
