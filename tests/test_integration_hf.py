@@ -22,8 +22,10 @@ from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 import funcsam  # noqa: E402
 from funcsam.integrations.huggingface import SAMTrainer  # noqa: E402
 
-from helpers import adamw_by_hand, assert_trees_close, launch_gloo_ranks, params_and_buffers, reference_sam  # noqa: E402
-from test_examples_plain import EXAMPLES, load_example  # noqa: E402
+from helpers import (  # noqa: E402
+    adamw_by_hand, assert_trees_close, launch_gloo_ranks, params_and_buffers, reference_sam,
+)
+from test_examples_plain import load_example  # noqa: E402
 
 BATCH = 4  # per micro-batch
 
