@@ -13,10 +13,11 @@ Each step::
 Only the model goes through ``accelerator.prepare``: the optimizer's wrapper would step through
 ``GradScaler.step``, which knows nothing of the two halves, while ``funcsam.SAM`` takes the scaler
 itself (``first_step``/``second_step(grad_scaler=...)``: it unscales, skips and records the
-overflow for ``scaler.update()``). Without
-``--local-perturbation`` the first backward is all-reduced too, and every replica climbs along the
-global g (SAM on the global batch); with it, each replica climbs along its own g (m-sharpness with
-m = the number of processes, as in Foret et al. 2020).
+overflow for ``scaler.update()``).
+
+Without ``--local-perturbation`` the first backward is all-reduced too, and every replica climbs
+along the global g (SAM on the global batch); with it, each replica climbs along its own g
+(m-sharpness with m = the number of processes, as in Foret et al. 2020).
 """
 
 from __future__ import annotations
