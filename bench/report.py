@@ -2,22 +2,30 @@
 
     python -m bench.report [--rounds 15] [--batch-size 128] [--device cpu|cuda] [--skip-compiled]
                            [--memory-format contiguous|channels_last|both] [--base sgd|adamw|both]
-                           [--only REGEX]
+                           [--only REGEX] [--memory | --memory-only] [--json PATH]
 
-Prints a markdown table of median step times and the ratios the project tracks, and, on CUDA, the
-peak-memory overhead of SAMSGD over torch.optim.SGD in parameter copies.
+Prints a markdown table of median step times and the ratios the project tracks, funcsam's steps
+against the peer ``pytorch_optimizer.SAM`` included (when it is installed). ``--memory`` adds each
+step's peak memory in parameter copies over torch.optim.SGD's (bench.memory: the CUDA allocator's
+counters, or the profiler's memory accounting on the CPU); ``--memory-only`` measures only that.
+``--json`` also writes every figure to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
-from bench.steps import VARIANTS, make_problem, samsgd_step, torch_sgd_step, variant_base
+from bench.memory import copies_over, parameter_bytes
+from bench.steps import PEERS, VARIANTS, make_problem, peer_installed, variant_base
+
+PEER, COMPILED_PEER = PEERS
 
 
 # (step, the step it is measured against, the goal for the ratio)
@@ -34,6 +42,15 @@ RATIOS = [
     ("sam_step, loss in channels_last (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
     ("sam_step around compile(loss_fn) (compiled)", "compile(model) + torch.optim.SGD (compiled)", 2.00),
     ("sam_step around compile(loss_fn) (compiled)", "compile(model) + SAM(SGD) first/second step (compiled)", 1.00),
+    # funcsam against the SAM a user would otherwise install (goal: no slower than it)
+    (PEER, "torch.optim.SGD (eager)", 2.05),
+    ("SAMSGD (eager)", PEER, 1.00),
+    ("SAM(SGD) first/second step (eager)", PEER, 1.00),
+    ("sam_step (eager)", PEER, 1.00),
+    ("sam_step (compiled)", COMPILED_PEER, 1.00),
+    ("sam_step, loss in channels_last (compiled)", COMPILED_PEER, 1.00),
+    ("sam_step around compile(loss_fn) (compiled)", COMPILED_PEER, 1.00),
+    ("compile(model) + SAM(SGD) first/second step (compiled)", COMPILED_PEER, 1.00),
     ("SAM(AdamW) first/second step (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (eager)", "torch.optim.AdamW (eager)", 2.05),
     ("sam_step base=adamw (compiled)", "compile(model) + torch.optim.AdamW (compiled)", 2.00),
@@ -70,21 +87,21 @@ def time_interleaved(steps: dict, rounds: int, warmup: int, device: str) -> dict
     return times
 
 
-def peak_memory_overhead(model, batch) -> float:
-    """(peak of a SAMSGD step - peak of an SGD step) / bytes of the parameters, on CUDA."""
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    peaks = {}
-    for name, make in (("sgd", torch_sgd_step), ("samsgd", samsgd_step)):
-        step = make(model, batch)
-        step()  # momentum buffers exist from here on, as in training
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peaks[name] = torch.cuda.max_memory_allocated() - base
-        del step
-    return (peaks["samsgd"] - peaks["sgd"]) / param_bytes
+def memory_table(names: list[str], layout: str, batch_size: int, device: str) -> dict[str, dict]:
+    """Every step's peak memory (bench.memory) in ``layout``, each built afresh on a new problem, in
+    parameter copies over torch.optim.SGD's step; printed as a markdown table."""
+    model, batch = make_problem(batch_size, device, channels_last=layout == "channels_last")
+    baseline = "torch.optim.SGD (eager)"
+    makers = {name: (lambda name=name: VARIANTS[name](model, batch)) for name in [baseline, *names]}
+    table = copies_over(makers, baseline, parameter_bytes(model), device)
+    print(f"\n[{layout}] peak memory, {parameter_bytes(model) / 2**20:.2f} MiB of parameters "
+          "(goal: SAM <= 1 copy over SGD, the saved w)")
+    print("| step | peak MiB | × parameters | copies over SGD | peak reached in |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, row in table.items():
+        print(f"| {name} | {row['peak_mib']:.2f} | {row['copies']:.2f} | {row['copies_over_sgd']:.2f} | "
+              f"{row['peak_at']} |")
+    return table
 
 
 def main(argv=None) -> None:
@@ -100,6 +117,10 @@ def main(argv=None) -> None:
                         help="layout of the model and batch (both: every variant in each layout, interleaved)")
     parser.add_argument("--only", metavar="REGEX",
                         help="only the variants whose name matches (re.search), e.g. 'compile' or 'AdamW'")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure every step's peak memory (SGD-based steps; built afresh, after the timing)")
+    parser.add_argument("--memory-only", action="store_true", help="measure the peak memory only, no timing")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the figures to PATH (JSON)")
     args = parser.parse_args(argv)
 
     # Every compiled functional variant is the same code object (bench.steps.functional_step's
@@ -108,9 +129,28 @@ def main(argv=None) -> None:
     formats = ["contiguous", "channels_last"] if args.memory_format == "both" else [args.memory_format]
     bases = ["sgd", "adamw"] if args.base == "both" else [args.base]
     names = [n for n in VARIANTS if variant_base(n) in bases and not (args.skip_compiled and "compiled" in n)
-             and (args.only is None or re.search(args.only, n))]
+             and (args.only is None or re.search(args.only, n)) and (n not in PEERS or peer_installed())]
     if not names:
         parser.error(f"no variant matches --only {args.only!r}; the variants are:\n  " + "\n  ".join(VARIANTS))
+    if not peer_installed():
+        print("pytorch_optimizer is not installed (pip install 'funcsam[bench]'): its SAM is left out", flush=True)
+    results = dict(torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
+                   batch_size=args.batch_size, model="resnet20")
+    if not args.memory_only:
+        results.update(time_report(names, formats, args))
+    if args.memory or args.memory_only:
+        memory_names = [n for n in names if variant_base(n) == "sgd"]
+        results["memory"] = {layout: memory_table(memory_names, layout, args.batch_size, args.device)
+                             for layout in formats}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(args.json)
+
+
+def time_report(names: list[str], formats: list[str], args) -> dict:
+    """Time every step of ``names`` in every layout of ``formats``, interleaved; print the tables and
+    return the medians (ms) and the tracked ratios."""
     steps, problems = {}, {}
     for layout in formats:
         problems[layout] = make_problem(args.batch_size, args.device, channels_last=layout == "channels_last")
@@ -128,16 +168,15 @@ def main(argv=None) -> None:
     print("| --- | ---: | ---: |")
     for name in steps:
         print(f"| {name} | {1000 * median[name]:.1f} | {median[name] / base:.3f} |")
+    ratios = []
     for layout in formats:
         m = {name: median[f"{name} [{layout}]"] for name in names if f"{name} [{layout}]" in median}
         print(f"\n[{layout}]")
         for name, over, goal in RATIOS:
             if name in m and over in m:
                 print(f"{name} / {over}: {m[name] / m[over]:.3f}   (goal <= {goal})")
-    if args.device == "cuda":
-        for layout in formats:
-            overhead = peak_memory_overhead(*problems[layout])
-            print(f"SAMSGD peak memory over SGD [{layout}]: {overhead:.2f} parameter copies   (goal <= 1)")
+                ratios.append(dict(layout=layout, step=name, over=over, ratio=m[name] / m[over], goal=goal))
+    return dict(rounds=args.rounds, median_ms={name: 1000 * t for name, t in median.items()}, ratios=ratios)
 
 
 if __name__ == "__main__":

@@ -3,12 +3,15 @@
 Every variant is a zero-argument callable that takes one full optimisation step on the same batch;
 the state it carries (params, momentum) lives in its closure. ``torch.optim.SGD`` (eager) is the
 baseline; "compiled SGD" is ``sam_step`` with the Python number rho = 0 (one pass) under
-``torch.compile``, the fair compiled counterpart of a compiled SAM step.
+``torch.compile``, the fair compiled counterpart of a compiled SAM step. The peer is
+``pytorch_optimizer.SAM`` (PyPI ``pytorch_optimizer``, the ``bench`` extra), eager and around
+``torch.compile(model)``; :data:`PEERS` names its variants, left out when the package is missing.
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 from typing import Callable
 
 import torch
@@ -94,6 +97,31 @@ def sam_adapter_step(model, batch, base: str = "sgd", compile_model: bool = Fals
     return step
 
 
+def peer_sam_step(model, batch, compile_model: bool = False) -> Callable[[], object]:
+    """``pytorch_optimizer.SAM`` over torch.optim.SGD, the SAM a user would otherwise install, used as its
+    docstring shows: the backward at w, then ``step(closure)`` (perturb, the closure's backward at w + e,
+    come back, descend). With ``compile_model``, the forward is ``torch.compile(model)``. It updates the
+    BatchNorm running statistics in both passes (funcsam's ``model=`` keeps the first pass's)."""
+    from pytorch_optimizer import SAM as PeerSAM  # the bench extra; imported here so bench.steps needs it only for this
+
+    model = copy.deepcopy(model)
+    forward = torch.compile(model) if compile_model else model
+    optimizer = PeerSAM(model.parameters(), torch.optim.SGD, rho=RHO, lr=LR, **HYPER)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(forward(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    def step():
+        loss = closure()
+        optimizer.step(closure)
+        return loss
+
+    return step
+
+
 def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd", compile_loss: bool = False,
                     loss_memory_format: torch.memory_format | None = None) -> Callable[[], object]:
     """``sam_step`` compiled whole (``compile``), or eager around a compiled loss function
@@ -138,6 +166,8 @@ VARIANTS = {
                                                                                compile_loss=True),
     "compile(model) + torch.optim.SGD (compiled)": lambda m, b: torch_step(m, b, "sgd", compile_model=True),
     "compile(model) + SAM(SGD) first/second step (compiled)": lambda m, b: sam_adapter_step(m, b, "sgd", True),
+    "pytorch_optimizer.SAM(SGD) (eager)": lambda m, b: peer_sam_step(m, b),
+    "compile(model) + pytorch_optimizer.SAM(SGD) (compiled)": lambda m, b: peer_sam_step(m, b, compile_model=True),
     "torch.optim.AdamW (eager)": lambda m, b: torch_step(m, b, "adamw"),
     "SAM(AdamW) first/second step (eager)": lambda m, b: sam_adapter_step(m, b, "adamw"),
     "sam_step base=adamw (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False, base="adamw"),
@@ -151,6 +181,14 @@ VARIANTS = {
     "compile(model) + torch.optim.AdamW (compiled)": lambda m, b: torch_step(m, b, "adamw", compile_model=True),
     "compile(model) + SAM(AdamW) first/second step (compiled)": lambda m, b: sam_adapter_step(m, b, "adamw", True),
 }
+
+
+PEERS = [name for name in VARIANTS if "pytorch_optimizer" in name]
+
+
+def peer_installed() -> bool:
+    """Whether ``pytorch_optimizer`` (the peer's package, in the ``bench`` extra) can be imported."""
+    return importlib.util.find_spec("pytorch_optimizer") is not None
 
 
 def variant_base(name: str) -> str:
