@@ -88,17 +88,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="*", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     p.add_argument("--amp", default=None, choices=["bf16", "fp16"], help="pass --amp to every run")
     p.add_argument("--no-channels-last", action="store_true", help="pass --no-channels-last to every run (NCHW)")
+    p.add_argument("--compile-mode", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="pass --compile-mode to the compiled runs (reduce-overhead: CUDA graphs on a GPU)")
     p.add_argument("--threads", type=int, default=None,
                    help="OMP_NUM_THREADS of the runs. On a machine shared with other jobs, 1 avoids OpenMP "
                         "threads spinning at barriers for a descheduled sibling, which can slow a run 10x")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "train.json")
     args = p.parse_args(argv)
     extra = (["--amp", args.amp] if args.amp else []) + (["--no-channels-last"] if args.no_channels_last else [])
+    mode = ["--compile-mode", args.compile_mode] if args.compile_mode else []
 
     runs: dict[str, list[dict]] = {name: [] for name in args.configs}
     for round_index in range(args.rounds):
         for name in args.configs:
-            run = run_trainer(CONFIGS[name], args.model, args.steps, args.epochs, args.batch_size, args.device, extra,
+            flags = CONFIGS[name] + (mode if "--compile" in CONFIGS[name] else [])
+            run = run_trainer(flags, args.model, args.steps, args.epochs, args.batch_size, args.device, extra,
                               args.threads)
             runs[name].append(run)
             print(f"round {round_index + 1}/{args.rounds}  {name:26s} {run['images_per_s']:8.1f} img/s  "
@@ -108,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(dict(
         model=args.model, steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, device=args.device,
-        amp=args.amp, rounds=args.rounds, torch=torch.__version__, machine=platform.processor() or platform.machine(),
+        amp=args.amp, compile_mode=args.compile_mode, rounds=args.rounds, torch=torch.__version__, machine=platform.processor() or platform.machine(),
         threads=args.threads or torch.get_num_threads(), argv=sys.argv[1:] if argv is None else argv, runs=runs,
     ), indent=2) + "\n")
     print(args.out)

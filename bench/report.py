@@ -2,12 +2,14 @@
 
     python -m bench.report [--rounds 15] [--batch-size 128] [--device cpu|cuda] [--skip-compiled]
                            [--memory-format contiguous|channels_last|both] [--base sgd|adamw|both]
-                           [--only REGEX] [--memory | --memory-only] [--json PATH]
+                           [--only REGEX] [--amp bf16|fp16] [--memory | --memory-only] [--json PATH]
 
 Prints a markdown table of median step times and the ratios the project tracks, funcsam's steps
 against the peer ``pytorch_optimizer.SAM`` included (when it is installed). ``--memory`` adds each
 step's peak memory in parameter copies over torch.optim.SGD's (bench.memory: the CUDA allocator's
 counters, or the profiler's memory accounting on the CPU); ``--memory-only`` measures only that.
+``--amp`` runs every step inside ``torch.autocast`` (the forward in bf16 or fp16, as a user who
+wraps the training step in autocast; fp16 without loss scaling, which a timing does not need).
 ``--json`` also writes every figure to a file.
 """
 
@@ -69,6 +71,19 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def under_autocast(step, device: str, amp: str | None):
+    """``step`` called inside ``torch.autocast(device, dtype)`` for ``amp`` "bf16"/"fp16"; as is for None."""
+    if amp is None:
+        return step
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+    def autocast_step():
+        with torch.autocast(torch.device(device).type, dtype=dtype):
+            return step()
+
+    return autocast_step
+
+
 def time_interleaved(steps: dict, rounds: int, warmup: int, device: str) -> dict[str, list[float]]:
     for name, step in steps.items():
         start = time.perf_counter()
@@ -87,12 +102,13 @@ def time_interleaved(steps: dict, rounds: int, warmup: int, device: str) -> dict
     return times
 
 
-def memory_table(names: list[str], layout: str, batch_size: int, device: str) -> dict[str, dict]:
+def memory_table(names: list[str], layout: str, batch_size: int, device: str, amp: str | None) -> dict[str, dict]:
     """Every step's peak memory (bench.memory) in ``layout``, each built afresh on a new problem, in
     parameter copies over torch.optim.SGD's step; printed as a markdown table."""
     model, batch = make_problem(batch_size, device, channels_last=layout == "channels_last")
     baseline = "torch.optim.SGD (eager)"
-    makers = {name: (lambda name=name: VARIANTS[name](model, batch)) for name in [baseline, *names]}
+    makers = {name: (lambda name=name: under_autocast(VARIANTS[name](model, batch), device, amp))
+              for name in [baseline, *names]}
     table = copies_over(makers, baseline, parameter_bytes(model), device)
     print(f"\n[{layout}] peak memory, {parameter_bytes(model) / 2**20:.2f} MiB of parameters "
           "(goal: SAM <= 1 copy over SGD, the saved w)")
@@ -117,6 +133,7 @@ def main(argv=None) -> None:
                         help="layout of the model and batch (both: every variant in each layout, interleaved)")
     parser.add_argument("--only", metavar="REGEX",
                         help="only the variants whose name matches (re.search), e.g. 'compile' or 'AdamW'")
+    parser.add_argument("--amp", choices=["bf16", "fp16"], help="run every step inside torch.autocast in this dtype")
     parser.add_argument("--memory", action="store_true",
                         help="also measure every step's peak memory (SGD-based steps; built afresh, after the timing)")
     parser.add_argument("--memory-only", action="store_true", help="measure the peak memory only, no timing")
@@ -135,12 +152,12 @@ def main(argv=None) -> None:
     if not peer_installed():
         print("pytorch_optimizer is not installed (pip install 'funcsam[bench]'): its SAM is left out", flush=True)
     results = dict(torch=torch.__version__, device=args.device, threads=torch.get_num_threads(),
-                   batch_size=args.batch_size, model="resnet20")
+                   batch_size=args.batch_size, model="resnet20", amp=args.amp)
     if not args.memory_only:
         results.update(time_report(names, formats, args))
     if args.memory or args.memory_only:
         memory_names = [n for n in names if variant_base(n) == "sgd"]
-        results["memory"] = {layout: memory_table(memory_names, layout, args.batch_size, args.device)
+        results["memory"] = {layout: memory_table(memory_names, layout, args.batch_size, args.device, args.amp)
                              for layout in formats}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -157,9 +174,9 @@ def time_report(names: list[str], formats: list[str], args) -> dict:
         for name in names:
             if layout == "channels_last" and "loss in channels_last" in name:
                 continue  # the same step as the plain one: its tensors are channels_last already
-            steps[f"{name} [{layout}]"] = VARIANTS[name](*problems[layout])
+            steps[f"{name} [{layout}]"] = under_autocast(VARIANTS[name](*problems[layout]), args.device, args.amp)
     print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
-          f"ResNet-20, batch {args.batch_size}, {args.rounds} interleaved rounds", flush=True)
+          f"ResNet-20, batch {args.batch_size}, {args.amp or 'fp32'}, {args.rounds} interleaved rounds", flush=True)
     times = time_interleaved(steps, args.rounds, args.warmup, args.device)
     median = {name: statistics.median(t) for name, t in times.items()}
     base = median[f"{names[0]} [{formats[0]}]"]

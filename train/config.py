@@ -23,7 +23,7 @@ from train.models import MODELS
 from train.sam_modes import SAM_MODES
 
 # Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
-# (--compile, --compile-scope, --channels-last, --device, --data-dir, --out, --tensorboard may change between a run
+# (--compile, --compile-scope, --compile-mode, --channels-last, --device, --data-dir, --out, --tensorboard may change between a run
 # and its resumption: they change how the same steps are computed, not which.)
 RUN_DEFINING_ARGS = (
     "model", "optim", "base", "betas", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.compile(model)), the SAM arithmetic eager; auto = loss on a CPU in NCHW (measured 18%% "
                         "faster there), step in channels_last (the default), on a GPU (no kernel launches between "
                         "the parts) and with --m-sharpness")
+    p.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                   help="with --compile, torch.compile's mode for the training step (the eval step keeps the "
+                        "default): reduce-overhead replays the step as CUDA graphs (no kernel launch cost; on a "
+                        "CPU it compiles as default), max-autotune also benchmarks kernel choices (long compile)")
     p.add_argument("--amp", nargs="?", const="bf16", default=None, choices=["bf16", "fp16"],
                    help="autocast; bare --amp means bf16. fp16 uses dynamic loss scaling (slow on CPU)")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="auto = cuda if available")
@@ -269,6 +273,8 @@ def check_sam_mode(args: argparse.Namespace) -> None:
 
 
 def check_compile_scope(args: argparse.Namespace) -> None:
+    if args.compile_mode != "default" and not args.compile:
+        raise UsageError(f"--compile-mode {args.compile_mode} needs --compile (it is torch.compile's mode)")
     if args.compile_scope == "loss" and args.m_sharpness > 1:
         raise UsageError("--compile-scope loss cannot go with --m-sharpness: its parts vmap the loss function, "
                          "which a compiled function cannot be; use --compile-scope step (or auto)")

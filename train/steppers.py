@@ -126,6 +126,16 @@ def compile_scope(args, device: torch.device) -> str | None:
     return "loss" if device.type == "cpu" and not args.channels_last and args.m_sharpness == 1 else "step"
 
 
+def compile_training(fn: Callable, args: argparse.Namespace, **kwargs) -> Callable:
+    """``torch.compile(fn, mode=--compile-mode)``: how every training-side function is compiled."""
+    return torch.compile(fn, mode=args.compile_mode, **kwargs)
+
+
+def uses_cuda_graphs(args: argparse.Namespace, device: torch.device) -> bool:
+    """Whether the compiled training step replays as CUDA graphs (--compile-mode reduce-overhead on a GPU)."""
+    return args.compile and args.compile_mode == "reduce-overhead" and device.type == "cuda"
+
+
 def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, compile_loss: bool = False, *,
                          mode: funcsam.Mode | None = None) -> Callable:
     """``step(state, totals, images_u8, labels, crop_offsets, flips, cutout_centres, lr, rho, take_sam)
@@ -138,7 +148,7 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, co
     one graph per value of ``take_sam`` (decided on the host)."""
     loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
     if compile_loss:
-        loss_fn = torch.compile(loss_fn, fullgraph=True)
+        loss_fn = compile_training(loss_fn, args, fullgraph=True)
     base, source = make_base(args), make_source(args)
     options = funcsam.SAMOptions(adaptive=args.adaptive, grad_reduce=grad_reduce, sam_sync=args.sam_sync,
                                  perturb_mask=funcsam.norm_layer_mask(model) if args.sam_on else None)
@@ -175,7 +185,8 @@ class FunctionalStepper:
         scope = compile_scope(args, device)
         step = make_functional_step(model, args, make_criterion(args), mean, std, grad_reduce,
                                     compile_loss=scope == "loss", mode=mode)
-        self._step = torch.compile(step, fullgraph=True) if scope == "step" else step
+        self._step = compile_training(step, args, fullgraph=True) if scope == "step" else step
+        self.cuda_graphs = uses_cuda_graphs(args, device)
         self.lr_at = lr_at
         self.lr = torch.tensor(lr_at(0), device=device)  # filled in place each step: no recompile
         self.rho = 0 if args.optim == "sgd" else torch.tensor(args.rho, device=device)
@@ -184,7 +195,14 @@ class FunctionalStepper:
     def step(self, totals, images, labels, augmentation, step_index: int) -> TrainTotals:
         self.lr.fill_(self.lr_at(step_index))
         take_sam = self.mode.takes_sam(step_index, self.state.momentum_state)  # AE-SAM: one host read
-        self.state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho, take_sam)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        state, totals = self._step(self.state, totals, images, labels, *augmentation, self.lr, self.rho, take_sam)
+        if self.cuda_graphs:
+            # A CUDA graph's outputs live in its pool and the next replay overwrites them: the carried
+            # state and the totals leave the pool before they are read again.
+            state, totals = optree.tree_map(torch.clone, (state, totals))
+        self.state = state
         return totals
 
     def params_buffers(self):
@@ -238,8 +256,10 @@ class AdapterStepper:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / args.lr)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         self.criterion = make_criterion(args)
-        # loss.backward() cannot live inside a fullgraph region: compile the forward only.
-        self.forward = torch.compile(model) if args.compile else model
+        # loss.backward() cannot live inside a fullgraph region: compile the forward only. Under CUDA
+        # graphs the logits a step logs are copies (torch.cat), as the second pass overwrites the first's.
+        self.forward = compile_training(model, args) if args.compile else model
+        self.cuda_graphs = uses_cuda_graphs(args, device)
 
     @staticmethod
     def _init_optimizer(args, model, mode: funcsam.Mode) -> funcsam.SAMOptimizer:
@@ -263,6 +283,8 @@ class AdapterStepper:
         # --accumulate K: the closure backpropagates each micro-batch's share of the batch mean in turn,
         # so p.grad holds the whole batch's gradient, as funcsam.MicroBatches accumulates it.
         micro_batches = funcsam.split_batch((inputs, labels), self.args.accumulate)
+        if self.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
