@@ -106,11 +106,13 @@ def footprint(make_step: Callable[[], Callable[[], object]], device: str) -> tup
     return footprint_cpu(make_step)
 
 
-def copies_over(makers: dict[str, Callable[[], Callable[[], object]]], baseline: str, param_bytes: int,
-                device: str) -> dict[str, dict]:
-    """Per step: its peak in MiB, in parameter copies, in parameter copies over ``baseline``'s (the
-    SGD step), and where it peaked; each step is built, warmed up and measured alone, in turn."""
+def copies_over(makers: dict[str, Callable[[], Callable[[], object]]], baseline: str | Callable[[str], str],
+                param_bytes: int, device: str) -> dict[str, dict]:
+    """Per step: its peak in MiB, in parameter copies, in parameter copies over its baseline's (the SGD
+    step: ``baseline``, or ``baseline(name)`` to pair each step with its own), and where it peaked;
+    each step is built, warmed up and measured alone, in turn."""
     peaks = {name: footprint(make, device) for name, make in makers.items()}
-    return {name: dict(peak_mib=peak / 2**20, copies=peak / param_bytes,
-                       copies_over_sgd=(peak - peaks[baseline][0]) / param_bytes, peak_at=op)
+    baseline_of = baseline if callable(baseline) else (lambda name: baseline)
+    return {name: dict(peak_mib=peak / 2**20, copies=peak / param_bytes, baseline=baseline_of(name),
+                       copies_over_sgd=(peak - peaks[baseline_of(name)][0]) / param_bytes, peak_at=op)
             for name, (peak, op) in peaks.items()}
