@@ -1,6 +1,6 @@
 """Everything a lent GPU should tell us, in one call, into one results file.
 
-    bench/gpu_check.sh OUT_DIR                      # on the GPU machine: about 7 minutes on one H100
+    bench/gpu_check.sh OUT_DIR                      # on the GPU machine: at most 7.5 minutes
     python -m bench.gpu_check OUT_DIR [--budget-s 450] [--only STAGE ...]
     python -m bench.gpu_check OUT_DIR --device cpu --tiny   # the same stages, tiny and eager (a test)
     python -m bench.gpu_check OUT_DIR --dry-run             # the plan only: every stage's command
@@ -17,7 +17,7 @@ Stages, in order of priority (each a subprocess with its own time limit, cut to 
     report_bf16     bench.report --amp bf16: the same steps under autocast (compiled ones only)
 
 Everything lands in ``OUT_DIR/gpu_check.json``, rewritten after every stage, so a call cut short
-keeps what it measured: ``{"environment": {...}, "budget_s": ..., "stages": {name: {"command",
+keeps what it measured (rerun the skipped stages with ``--only``): ``{"environment": {...}, "budget_s": ..., "stages": {name: {"command",
 "status" (ok, failed, timed out, skipped), "returncode", "wall_s", "output_tail", "results"}}}``
 where ``results`` is what the stage's own ``--json``/``--out`` file held.
 """
@@ -37,11 +37,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS_NAME = "gpu_check.json"
-REPORT_ONLY = "compiled|^torch\\.optim\\.SGD|^SAMSGD|first/second step \\(eager\\)|^sam_step \\(eager\\)|pytorch_optimizer"
-TRAIN_RUNS = [  # (stage, model, amp, compile mode)
+# The report's steps over SGD that a GPU answers for: every eager one, the whole step compiled, the
+# compiled base step, and torch.compile(model) with SGD, funcsam.SAM and the peer.
+REPORT_ONLY = ("^torch\\.optim\\.SGD|^SAMSGD|first/second step|^sam_step \\((eager|compiled)\\)|pytorch_optimizer"
+               "|^SGD via sam_step|compile\\(model\\) \\+ torch\\.optim\\.SGD")
+TRAIN_RUNS = [  # (stage, model, amp, compile mode); CUDA graphs right after their bf16 run: its compiled code is cached
     ("train_resnet20_bf16", "resnet20", "bf16", "default"),
-    ("train_wrn28_10_bf16", "wrn28_10", "bf16", "default"),
     ("train_resnet20_bf16_cudagraphs", "resnet20", "bf16", "reduce-overhead"),
+    ("train_wrn28_10_bf16", "wrn28_10", "bf16", "default"),
     ("train_wrn28_10_bf16_cudagraphs", "wrn28_10", "bf16", "reduce-overhead"),
     ("train_resnet20_fp16", "resnet20", "fp16", "default"),
     ("train_wrn28_10_fp16", "wrn28_10", "fp16", "default"),
@@ -53,13 +56,13 @@ def plan(out: Path, device: str, tiny: bool) -> dict[str, dict]:
     """Every stage after the environment: ``{name: {"argv": [...], "limit_s": s, "results": path or None}}``."""
     python = sys.executable
     stages = {"cuda_tests": dict(argv=[python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"],
-                                 limit_s=120, results=None)}
+                                 limit_s=90, results=None)}
     report = [python, "-m", "bench.report", "--device", device, "--memory"]
     if tiny:  # eager, two images, one round: the plumbing, not the figures
         report += ["--rounds", "1", "--warmup", "1", "--batch-size", "2", "--skip-compiled"]
     else:
         report += ["--rounds", "10", "--only", REPORT_ONLY]
-    stages["report_fp32"] = dict(argv=report + ["--json", str(out / "report_fp32.json")], limit_s=200,
+    stages["report_fp32"] = dict(argv=report + ["--json", str(out / "report_fp32.json")], limit_s=180,
                                  results=out / "report_fp32.json")
     for name, model, amp, mode in TRAIN_RUNS:
         argv = [python, "-m", "bench.bench_train", "--device", device, "--rounds", "1", "--amp", amp,
@@ -70,10 +73,11 @@ def plan(out: Path, device: str, tiny: bool) -> dict[str, dict]:
         else:
             argv += ["--model", model, "--steps", "30", "--epochs", "2", "--configs", "sam-functional-compiled",
                      "--compile-mode", mode]
-        stages[name] = dict(argv=argv, limit_s=150, results=out / f"{name}.json")
+        stages[name] = dict(argv=argv, limit_s=120, results=out / f"{name}.json")
     if not tiny:
         stages["report_bf16"] = dict(argv=[python, "-m", "bench.report", "--device", device, "--amp", "bf16",
-                                           "--rounds", "10", "--only", "compiled|^torch\\.optim\\.SGD",
+                                           "--rounds", "10", "--only", "^sam_step \\(compiled\\)|^torch\\.optim\\.SGD|"
+                                           "compile\\(model\\) \\+ (torch\\.optim\\.SGD|SAM)",
                                            "--json", str(out / "report_bf16.json")],
                                      limit_s=200, results=out / "report_bf16.json")
     return stages

@@ -163,14 +163,19 @@ def main(argv=None) -> None:
                    batch_size=args.batch_size, model="resnet20", amp=args.amp)
     if not args.memory_only:
         results.update(time_report(names, formats, args))
+        write_json(args.json, results)  # before the memory: a run cut short keeps its timings
     if args.memory or args.memory_only:
         memory_names = [n for n in names if variant_base(n) == "sgd"]
         results["memory"] = {layout: memory_table(memory_names, layout, args.batch_size, args.device, args.amp)
                              for layout in formats}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        print(args.json)
+        write_json(args.json, results)
+
+
+def write_json(path: Path | None, results: dict) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        print(path)
 
 
 def time_report(names: list[str], formats: list[str], args) -> dict:
