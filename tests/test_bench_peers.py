@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 import funcsam
-from helpers import assert_trees_close, bn_convnet, classification_batches, mlp, params_and_buffers, reference_sam_sgd
+from helpers import (adapter_steps, assert_trees_close, bn_convnet, classification_batches, mlp, params_and_buffers,
+                     reference_sam_sgd)
 
 pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
@@ -20,17 +21,11 @@ RHO = 0.05
 
 
 def peer_steps(model, batches):
-    """Params and buffers after ``pytorch_optimizer.SAM`` over torch.optim.SGD, as its docstring uses it."""
+    """Params and buffers after ``pytorch_optimizer.SAM`` over torch.optim.SGD, as its docstring uses
+    it (a backward at w, then ``step(closure)``)."""
     model = copy.deepcopy(model)
     optimizer = pytorch_optimizer.SAM(model.parameters(), torch.optim.SGD, rho=RHO, **HYPER)
-    for inputs, targets in batches:
-        def closure():
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(inputs), targets)
-            loss.backward()
-            return loss
-        closure()
-        optimizer.step(closure)
+    adapter_steps(model, optimizer, batches, "davda54_closure")
     return params_and_buffers(model)
 
 
@@ -39,11 +34,7 @@ def funcsam_steps(model, batches, keep_first_pass_bn: bool):
     model = copy.deepcopy(model)
     optimizer = funcsam.SAM(model.parameters(), torch.optim.SGD, rho=RHO, model=model if keep_first_pass_bn else None,
                             **HYPER)
-    for inputs, targets in batches:
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.first_step(zero_grad=True)
-        F.cross_entropy(model(inputs), targets).backward()
-        optimizer.second_step(zero_grad=True)
+    adapter_steps(model, optimizer, batches, "first_second")
     return params_and_buffers(model)
 
 
