@@ -43,7 +43,8 @@ TWO_HALVES_MODES = ("sam", "asam", "gsam")
 
 def configurations():
     """(optimizer, style, mode name, sam_sync): closure for both optimizers, davda54's closure
-    (the gradient at w computed before step) for SAM, first/second step where the mode fits it."""
+    (the gradient at w computed before step) for SAM, first/second step where the mode fits it,
+    and the closure with a GradScaler."""
     for sync in ("global", "local"):
         for mode in MODES:
             yield "samsgd", "closure", mode, sync
@@ -52,6 +53,9 @@ def configurations():
             if mode in TWO_HALVES_MODES:
                 yield "samsgd", "first_second", mode, sync
                 yield "sam", "first_second", mode, sync
+        # fp16's loss scaling (here without autocast): both passes scaled, the gradients unscaled.
+        yield "samsgd", "closure_scaler", "sam", sync
+        yield "sam", "closure_scaler", "gsam", sync
 
 
 def config_name(optimizer, style, mode, sync) -> str:
@@ -87,14 +91,15 @@ def ddp_step(ddp, optimizer, batch, style: str, local: bool, second_batch=None):
         optimizer.second_step(zero_grad=True)
         return
     calls = []
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if style == "closure_scaler" else None
 
     def closure():
         data = batch if not calls else second_batch
         calls.append(1)
-        if style == "closure":
+        if style != "davda54_closure":
             optimizer.zero_grad()
         value = loss(data)
-        value.backward()
+        (value if scaler is None else scaler.scale(value)).backward()
         return value
 
     if style == "davda54_closure":  # the caller's own backward at w: under no_sync() for local perturbation
@@ -104,7 +109,9 @@ def ddp_step(ddp, optimizer, batch, style: str, local: bool, second_batch=None):
         optimizer.step(closure)
         optimizer.zero_grad()
     else:
-        optimizer.step(closure)
+        optimizer.step(closure, grad_scaler=scaler)
+        if scaler is not None:
+            scaler.update()
 
 
 class _nothing:
