@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import funcsam
+from funcsam.ddp import is_ddp
 from train.checkpoint import CheckpointError, check_tensors
 from train.data import augment, normalize
 from train.sam_modes import make_mode
@@ -356,10 +357,6 @@ def sync_batchnorm_for_ddp(model: torch.nn.Module, args, device: torch.device) -
     if not (args.sync_bn and device.type == "cuda" and multi_process):
         return model
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-
-def is_ddp(model: torch.nn.Module) -> bool:
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel)
 
 
 def check_optimizer_state(state_dict, params: list[torch.Tensor], path) -> None:
