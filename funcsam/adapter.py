@@ -11,7 +11,8 @@ with ``take = mode.takes_sam(steps_taken, own)`` (own: the mode's own state, :mo
     base step with d (clipped with max_grad_norm), skipped where a gradient was non-finite
 
 The modes whose ``two_halves`` is True (SAM, GSAM) also take ``first_step``/``second_step`` around
-the caller's own backward passes. fp16: :mod:`funcsam.grad_scaler`; BatchNorm: :mod:`funcsam.buffers`.
+the caller's own backward passes. fp16: :mod:`funcsam.grad_scaler`; BatchNorm: :mod:`funcsam.buffers`;
+DistributedDataParallel, ``sam_sync="global"|"local"``: :mod:`funcsam.ddp`.
 A subclass says how to descend (``_descend``) and where the momentum is (``_momentum``):
 :class:`funcsam.SAM` over any ``torch.optim`` optimizer, :class:`funcsam.SAMSGD` over ``funcsam.sgd``.
 """
@@ -24,6 +25,7 @@ import torch
 
 from . import buffers, mode_state
 from .clipping import clip_by_global_norm
+from .ddp import Replicas
 from .grad_scaler import inverse_scale, record_found_inf, unscaled_grads
 from .hyperparameters import check_sam_options, is_static_zero
 from .modes.protocol import StepGradients, check_mode
@@ -41,15 +43,18 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
     0-dim bool tensor (False: a gradient was non-finite and the step was skipped, params and state
     unchanged) and ``steps_taken`` counts the steps (skipped ones too: the index a schedule reads).
     ``state_dict()["funcsam"]`` holds ``steps_taken`` and the mode's own state, so a resumed run
-    takes the same steps bit for bit.
+    takes the same steps bit for bit. With a DDP ``model``, ``sam_sync`` says whether the replicas
+    perturb with the averaged gradient ("global") or each with its own ("local", :mod:`funcsam.ddp`).
     """
 
     def __init__(self, params: Iterable, defaults: dict, *, eta: float, eps: float, max_grad_norm: float | None,
-                 model: torch.nn.Module | None, mode: Any = None):
+                 model: torch.nn.Module | None, mode: Any = None, sam_sync: str = "global"):
         check_sam_options(eta=eta, eps=eps, max_grad_norm=max_grad_norm)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        self._replicas = Replicas(model, sam_sync)
         self.eta, self.eps, self.max_grad_norm, self.model = eta, eps, max_grad_norm, model
+        self.sam_sync = sam_sync
         self.mode = check_mode(mode)
         self.steps_taken = 0
         self.last_step_finite: Tensor | None = None
@@ -82,14 +87,21 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
                 return self._momentum_step(closure, grad_scaler, momenta)
             take = False  # no momentum yet: m = 0 gives e = 0, the base step
         loss, pre_step_buffers = None, None
+        # Under sam_sync="local" a SAM step's first pass is each replica's own (DDP's no_sync()).
+        two_passes, ran_local = take and not all(is_static_zero(group["rho"]) for group in self.param_groups), False
         if self._needs_first_gradient():
             pre_step_buffers = buffers.snapshot(self.model)
-            loss = _evaluate(closure)
+            with self._replicas.first_pass(two_passes):
+                loss = _evaluate(closure)
+            ran_local = two_passes and self._replicas.local
         groups = with_gradients(self.param_groups, "the closure")
         if not take or all(is_static_zero(group["rho"]) for group, _ in groups):
+            if self._replicas.first_gradient_is_local(ran_local):  # one pass: DDP's average after all
+                params = [p for _, group_params in groups for p in group_params]
+                torch._foreach_copy_([p.grad for p in params], self._replicas.reduce([p.grad for p in params]))
             self._one_pass(groups, pre_step_buffers, grad_scaler)
             return loss
-        self._climb(groups, grad_scaler, pre_step_buffers, keep_grads=False)
+        self._climb(groups, grad_scaler, pre_step_buffers, keep_grads=False, ran_local=ran_local)
         # As davda54's first_step(zero_grad=True): a closure that does not zero the gradients itself
         # would otherwise add the gradient at w + e to the one at w.
         self.zero_grad(set_to_none=True)
@@ -102,6 +114,33 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         return loss
 
     # --- the passes -----------------------------------------------------------------------------
+
+    def _climb(self, groups: list, grad_scaler, pre_step_buffers: list | None, *, keep_grads: bool,
+               ran_local: bool = False) -> None:
+        """:class:`TwoHalves`'s climb, then what DDP needs (:mod:`funcsam.ddp`): the first gradient's
+        synchronisation checked against ``sam_sync``, and under "local" the hook that spreads a
+        non-finite ||g_r|| and the average of g where the mode reads it."""
+        super()._climb(groups, grad_scaler, pre_step_buffers, keep_grads=keep_grads)
+        try:
+            self._replicas.check_first_gradient(self._replicas.first_gradient_is_local(ran_local))
+            self._perturbed = self._replicas.after_climb(self._perturbed, self.mode.uses_first_gradient)
+        except BaseException:
+            self._come_back()
+            raise
+
+    def _come_back(self) -> None:
+        self._replicas.remove_hook()
+        super()._come_back()
+
+    def _second_half(self, grad_scaler) -> None:
+        self._replicas.remove_hook()
+        if self._perturbed is not None:
+            try:
+                self._replicas.check_sam_gradient()
+            except BaseException:
+                self._come_back()
+                raise
+        super()._second_half(grad_scaler)
 
     def _one_pass(self, groups: list, pre_step_buffers: list | None, grad_scaler) -> None:
         """The mode's one-pass step with the gradient in p.grad (the base step; LookSAM's estimate; MSAM's)."""

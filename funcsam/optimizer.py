@@ -66,6 +66,12 @@ class SAM(SAMOptimizer):
             ``funcsam.AESAM(total_steps, delta)`` (:mod:`funcsam.modes`). MSAM perturbs along
             ``state["momentum_buffer"]`` (torch.optim.SGD with momentum > 0) or ``state["exp_avg"]``
             (Adam, AdamW); a base optimizer with neither is refused.
+        sam_sync: with ``model=ddp_model`` (``torch.nn.parallel.DistributedDataParallel``): "global"
+            (default; DDP averages both passes: one process on the global batch) or "local" (the
+            first pass under ``ddp_model.no_sync()``: each replica perturbs with its own gradient,
+            the paper's m-sharpness with m = the per-replica batch; :mod:`funcsam.ddp`). In the
+            first/second-step style run the first backward inside ``with ddp_model.no_sync():``
+            yourself; a backward whose synchronisation contradicts ``sam_sync`` is refused.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
 
     ``param_groups`` and ``state`` are the base optimizer's (``.base_optimizer``), so a
@@ -85,13 +91,14 @@ class SAM(SAMOptimizer):
 
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, *, adaptive: bool = False,
                  eta: float = 0.0, eps: float = 1e-12, max_grad_norm: float | None = None,
-                 model: torch.nn.Module | None = None, mode: Any = None, **base_kwargs):
+                 model: torch.nn.Module | None = None, mode: Any = None, sam_sync: str = "global", **base_kwargs):
         _check_base_optimizer_class(base_optimizer)
         for name in ("lr", "weight_decay"):
             if name in base_kwargs and not isinstance(base_kwargs[name], torch.Tensor):
                 check_scalar(name, base_kwargs[name])
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
-        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode,
+                         sam_sync=sam_sync)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -200,6 +207,9 @@ class SAMSGD(SAMOptimizer):
         mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
             ``funcsam.LookSAM(k, alpha)``, ``funcsam.MSAM()`` (needs ``momentum > 0``; perturbs along
             the momentum buffer), ``funcsam.GSAM(alpha)`` or ``funcsam.AESAM(total_steps, delta)``.
+        sam_sync: with ``model=ddp_model`` (DistributedDataParallel): "global" (default, one process
+            on the global batch) or "local" (each replica perturbs with its own gradient), as in
+            :class:`funcsam.SAM`.
 
     After ``step``, ``p.grad`` holds the (unscaled) SAM gradient and ``last_step_finite`` is a
     0-dim bool tensor: False when a gradient was non-finite and the step was skipped. The update is
@@ -223,11 +233,13 @@ class SAMSGD(SAMOptimizer):
         max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
         mode: Any = None,
+        sam_sync: str = "global",
     ):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, rho=rho, adaptive=adaptive)
         self._check_group(defaults)
-        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode,
+                         sam_sync=sam_sync)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)

@@ -163,14 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
         "beyond one batch",
         "Under `torchrun --nproc_per_node N -m train.cifar10 ...` the run is data-parallel on N processes "
         "(NCCL on GPUs, gloo on CPUs): --batch-size stays the global batch, each rank trains on its "
-        "contiguous 1/N of it, and only rank 0 prints and writes files.",
+        "contiguous 1/N of it, and only rank 0 prints and writes files. --api adapter wraps the model in "
+        "DistributedDataParallel.",
     )
     beyond.add_argument("--sam-sync", default="global", choices=["global", "local"],
                         help="with N processes: global = perturb with the averaged gradient (one process "
-                             "on the global batch); local = each replica perturbs with its own gradient")
+                             "on the global batch); local = each replica perturbs with its own gradient "
+                             "(--api adapter: the first pass under DDP's no_sync())")
     beyond.add_argument("--sync-bn", action="store_true",
                         help="normalise with the BatchNorm statistics of the global batch, across processes "
-                             "(funcsam.distributed.convert_sync_batchnorm); without it each replica keeps its own")
+                             "(funcsam.distributed.convert_sync_batchnorm; --api adapter on CUDA: "
+                             "torch.nn.SyncBatchNorm); without it each replica keeps its own")
     beyond.add_argument("--m-sharpness", type=int, default=1, metavar="K",
                         help="m-sharpness: each (per-replica) batch in K parts, each perturbing with its own "
                              "gradient (funcsam.MSharpness); with N processes needs --sam-sync local; --api functional")
@@ -292,13 +295,10 @@ def requested_world_size() -> int:
 def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
     """UsageError for a data-parallel / m-sharpness / accumulation combination that cannot run,
     before any process group is joined (every rank refuses alike)."""
-    if args.api != "functional":
-        asked = [flag for flag, on in (("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
-                                       (f"--m-sharpness {args.m_sharpness}", args.m_sharpness > 1),
-                                       (f"{world_size} processes (torchrun)", world_size > 1)) if on]
-        if asked:
-            raise UsageError(f"{', '.join(asked)} need(s) --api functional (the adapter optimizer steps one "
-                             "process, with one gradient per pass)")
+    if args.api != "functional" and args.m_sharpness > 1:
+        raise UsageError(f"--m-sharpness {args.m_sharpness} needs --api functional (the adapter optimizer has one "
+                         "gradient per pass and process; under torchrun, --sam-sync local is m-sharpness with "
+                         "m = the per-process batch)")
     if args.m_sharpness > 1 and args.accumulate > 1:
         raise UsageError(f"--m-sharpness {args.m_sharpness} and --accumulate {args.accumulate} cannot be combined: "
                          "keep one of them at 1")
