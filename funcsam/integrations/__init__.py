@@ -1,0 +1,1 @@
+"""Integrations with training frameworks, each imported explicitly: ``import funcsam`` imports none of them."""
