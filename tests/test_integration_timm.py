@@ -5,11 +5,12 @@ the functional ``funcsam.sam_step`` (``funcsam.adamw``, ``torch.func`` through `
 two computations of the same steps: each is checked against the other, and the ViT's against
 ``reference_sam`` (SAM + AdamW written out with torch.autograd, no funcsam).
 
-Why float64 (and fp16 over AdamW for one taken step only): on the first steps Adam's update g / (sqrt(v) + eps) is nearly
-sign(g), so in a model of 10^5-10^6 weights the few whose gradient lies within float32 rounding of
-zero move by +-lr in one computation and -+lr in the other (measured in float32: 1e-4 to 4e-4 apart
-after 3 steps, on a handful of elements, whichever two of the three computations are compared). In
-float64 that rounding is 10^9 times smaller.
+Why float64 (and fp16 over AdamW for one taken step only): on the first steps Adam's update
+g / (sqrt(v) + eps) is nearly sign(g), so in a model of 10^5-10^6 weights the few whose gradient lies
+within float32 rounding of zero (timm's zero-initialised last BatchNorm of each block, the attention's
+key bias, which softmax cancels, and chance) move by +-lr in one computation and -+lr in the other:
+measured in float32, 1e-4 to 4e-4 apart after 3 steps, whichever two of the three computations are
+compared. In float64 that rounding is 10^9 times smaller.
 """
 
 import copy
