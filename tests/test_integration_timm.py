@@ -142,3 +142,27 @@ def test_vit_example_trains_in_both_apis_with_fp16(capsys):
     assert len(functional_losses) == 3
     torch.testing.assert_close(torch.tensor(optimizer_losses), torch.tensor(functional_losses), atol=1e-5, rtol=0)
     assert "optimizer, amp=fp16" in capsys.readouterr().out
+
+
+def test_trainer_takes_a_timm_model(tmp_path):
+    from train import cifar10
+    from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+
+    argv = ["--dataset", "synthetic", "--model", "timm:test_vit,img_size=32", "--synthetic-size", "64",
+            "--batch-size", "32", "--epochs", "1", "--limit-steps", "2", "--device", "cpu", "--no-channels-last",
+            "--base", "adamw", "--out", str(tmp_path)]
+    assert cifar10.main(argv) == 0
+    saved = load_checkpoint(tmp_path / CHECKPOINT_NAME)
+    untrained = dict(timm.create_model("test_vit", pretrained=False, num_classes=10, img_size=32).named_parameters())
+    assert saved["step"] == 2 and saved["params"].keys() == untrained.keys()
+
+
+@pytest.mark.parametrize("model, reason", [("timm:no_such_net", "timm has no model 'no_such_net'"),
+                                           ("timm:test_vit,img_size", "key=value pairs"),
+                                           ("resnet18", "unknown model 'resnet18'")])
+def test_trainer_refuses_a_model_it_cannot_build(model, reason, capsys):
+    from train import cifar10
+
+    with pytest.raises(SystemExit) as exit_info:
+        cifar10.parse_args(["--model", model])
+    assert exit_info.value.code == 2 and reason in capsys.readouterr().err
