@@ -159,7 +159,7 @@ def test_trainer_takes_a_timm_model(tmp_path):
 
 @pytest.mark.parametrize("model, reason", [("timm:no_such_net", "timm has no model 'no_such_net'"),
                                            ("timm:test_vit,img_size", "key=value pairs"),
-                                           ("resnet18", "unknown model 'resnet18'")])
+                                           ("resnet18", "invalid choice: 'resnet18'")])
 def test_trainer_refuses_a_model_it_cannot_build(model, reason, capsys):
     from train import cifar10
 

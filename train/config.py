@@ -191,7 +191,7 @@ def model_name(value: str) -> str:
             raise argparse.ArgumentTypeError(str(err)) from None
         return value
     if value not in MODELS:
-        raise argparse.ArgumentTypeError(f"unknown model {value!r}; choose one of {', '.join(MODELS)} or timm:NAME")
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(MODELS)} or timm:NAME)")
     return value
 
 
