@@ -230,6 +230,32 @@ def test_manual_optimization_accumulates_both_passes_over_every_micro_batch():
     assert_trees_close(state(module), state(model), atol=1e-6)
 
 
+class SkippingTheSecondBatch(Tiny):
+    def training_step(self, batch, batch_idx):
+        return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.losses.append(outputs.get("loss"))
+
+
+def test_training_step_returning_none_skips_the_step_as_in_lightning():
+    module = SkippingTheSecondBatch(sgd)
+    L.Trainer(max_epochs=1, plugins=[sam_precision("16-mixed", "cpu")], **QUIET).fit(module, loader())
+    model, scaler = Tiny(sgd), torch.amp.GradScaler("cpu")
+    optimizer = sgd(model)
+    for inputs, targets in [batch for index, batch in enumerate(loader()) if index != 1]:
+        def closure():
+            with torch.autocast("cpu", dtype=torch.float16, cache_enabled=False):
+                loss = F.cross_entropy(model.net(inputs), targets)
+            optimizer.zero_grad()
+            scaler.scale(loss).backward()
+            return loss
+        optimizer.step(closure, grad_scaler=scaler)
+        scaler.update()
+    assert module.optimizers().optimizer.steps_taken == 2 and module.losses[1] is None
+    assert_trees_close(state(module), state(model), atol=1e-6)
+
+
 class CountingHooks(L.Callback):
     def __init__(self):
         self.before_optimizer_step = 0

@@ -102,7 +102,8 @@ def sam_optimizer_step(optimizer: SAMOptimizer, model: pl.LightningModule, closu
 
     The ``on_before_optimizer_step`` hooks run once, after the first backward pass (the gradient at
     w; under fp16 still scaled: the optimizer unscales it in the step). ``training_step``'s output
-    (what ``on_train_batch_end`` receives) is the first pass's, at w.
+    (what ``on_train_batch_end`` receives) is the first pass's, at w. A ``training_step`` that
+    returns None skips the step, as in Lightning: nothing moves and the scaler is not updated.
     """
     trainer = model.trainer
     check_no_accumulation(model, [optimizer])
@@ -113,17 +114,26 @@ def sam_optimizer_step(optimizer: SAMOptimizer, model: pl.LightningModule, closu
         if isinstance(closure, AbstractClosure):
             results.append(closure._result)
         if len(results) <= 1:
+            if loss is None and model.automatic_optimization:
+                raise _SkippedStep  # before the optimizer has changed anything
             call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
             call._call_lightning_module_hook(trainer, "on_before_optimizer_step", optimizer)
         return loss
 
-    with clipping_as_max_grad_norm(optimizer, model):
-        loss = optimizer.step(lightning_closure, grad_scaler=grad_scaler, **kwargs)
+    try:
+        with clipping_as_max_grad_norm(optimizer, model):
+            loss = optimizer.step(lightning_closure, grad_scaler=grad_scaler, **kwargs)
+    except _SkippedStep:
+        return None
     if grad_scaler is not None:
         grad_scaler.update()
     if results:
         closure._result = results[0]  # the outputs Lightning reads are the pass at w's, not w + e's
     return loss
+
+
+class _SkippedStep(Exception):
+    """Raised from the closure when ``training_step`` returned None: the step is not taken."""
 
 
 @contextlib.contextmanager
