@@ -47,8 +47,9 @@ from ..adapter import SAMOptimizer
 __all__ = ["SAMMixedPrecision", "SAMPrecision", "sam_precision"]
 
 
-class SAMPrecision(Precision):
-    """Lightning's ``"32-true"`` precision, with SAM's step for funcsam optimizers (module docstring)."""
+class SAMSteps:
+    """What both plugins add to Lightning's: a funcsam optimizer takes :func:`sam_optimizer_step` (with
+    the plugin's GradScaler, if any); any other optimizer the plugin's own step."""
 
     def connect(self, model, optimizers: list, lr_schedulers: list):
         check_no_accumulation(model, optimizers)
@@ -57,10 +58,14 @@ class SAMPrecision(Precision):
     def optimizer_step(self, optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any) -> Any:
         if not isinstance(optimizer, SAMOptimizer):
             return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        return sam_optimizer_step(optimizer, model, closure, None, **kwargs)
+        return sam_optimizer_step(optimizer, model, closure, getattr(self, "scaler", None), **kwargs)
 
 
-class SAMMixedPrecision(MixedPrecision):
+class SAMPrecision(SAMSteps, Precision):
+    """Lightning's ``"32-true"`` precision, with SAM's step for funcsam optimizers (module docstring)."""
+
+
+class SAMMixedPrecision(SAMSteps, MixedPrecision):
     """Lightning's ``MixedPrecision`` (``"bf16-mixed"``, ``"16-mixed"`` with its GradScaler), with SAM's
     step for funcsam optimizers: the closure and the scaler go to ``optimizer.step(closure, grad_scaler=)``,
     which scales both passes' gradients back before any norm, then ``scaler.update()`` (module docstring).
@@ -69,15 +74,6 @@ class SAMMixedPrecision(MixedPrecision):
     (``"cuda"``, ``"cpu"``: autocast's device type) and ``scaler`` (a ``torch.amp.GradScaler``;
     with ``"16-mixed"`` one is made for ``device`` if not given).
     """
-
-    def connect(self, model, optimizers: list, lr_schedulers: list):
-        check_no_accumulation(model, optimizers)
-        return super().connect(model, optimizers, lr_schedulers)
-
-    def optimizer_step(self, optimizer, model: pl.LightningModule, closure: Callable[[], Any], **kwargs: Any) -> Any:
-        if not isinstance(optimizer, SAMOptimizer):
-            return super().optimizer_step(optimizer, model=model, closure=closure, **kwargs)
-        return sam_optimizer_step(optimizer, model, closure, self.scaler, **kwargs)
 
 
 def sam_precision(precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true", device: str = "cuda",
