@@ -103,13 +103,12 @@ def sam_optimizer_step(optimizer: SAMOptimizer, model: pl.LightningModule, closu
     """
     trainer = model.trainer
     check_no_accumulation(model, [optimizer])
-    results = []
+    results = []  # each call's ClosureResult (Lightning's own closure), or None (another callable)
 
     def lightning_closure():
         loss = closure()
-        if isinstance(closure, AbstractClosure):
-            results.append(closure._result)
-        if len(results) <= 1:
+        results.append(closure._result if isinstance(closure, AbstractClosure) else None)
+        if len(results) == 1:
             if loss is None and model.automatic_optimization:
                 raise _SkippedStep  # before the optimizer has changed anything
             call._call_callback_hooks(trainer, "on_before_optimizer_step", optimizer)
@@ -123,7 +122,7 @@ def sam_optimizer_step(optimizer: SAMOptimizer, model: pl.LightningModule, closu
         return None
     if grad_scaler is not None:
         grad_scaler.update()
-    if results:
+    if isinstance(closure, AbstractClosure) and results:
         closure._result = results[0]  # the outputs Lightning reads are the pass at w's, not w + e's
     return loss
 
