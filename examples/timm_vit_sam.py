@@ -1,6 +1,6 @@
 """A timm ViT trained with SAM over AdamW (Chen et al. 2021: SAM lets ViTs train without heavy augmentation).
 
-    python examples/timm_vit_sam.py --steps 100
+    python examples/timm_vit_sam.py --steps 60
     python examples/timm_vit_sam.py --compile --amp bf16          # the whole SAM step compiled
     python examples/timm_vit_sam.py --api optimizer --amp fp16     # drop-in funcsam.SAM with a GradScaler
 
@@ -86,9 +86,9 @@ def train_optimizer(model, batches, args) -> list[float]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--api", default="functional", choices=["functional", "optimizer"])
-    parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--depth", type=int, default=4, help="transformer blocks (ViT-Ti has 12)")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--depth", type=int, default=2, help="transformer blocks (ViT-Ti has 12)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--weight-decay", type=float, default=0.05)
     parser.add_argument("--rho", type=float, default=0.05)
