@@ -1,1 +1,5 @@
-"""Integrations with training frameworks, each imported explicitly: ``import funcsam`` imports none of them."""
+"""funcsam inside training frameworks, one module per framework, each imported explicitly.
+
+``import funcsam`` never imports a framework: ``from funcsam.integrations.huggingface import SAMTrainer``
+imports transformers and accelerate, as the Lightning and timm modules import theirs.
+"""
