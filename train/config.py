@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from train.models import MODELS
+from train.models import MODELS, TIMM_PREFIX, parse_timm_model
 from train.sam_modes import SAM_MODES
 
 # Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
@@ -71,8 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     main_models = [m for m in MODELS if m != "tiny"]
-    p.add_argument("--model", default="resnet20", choices=list(MODELS), metavar="|".join(main_models),
-                   help="network; 'tiny' (1.6K parameters) exists for fast tests only")
+    p.add_argument("--model", default="resnet20", type=model_name, metavar="|".join(main_models) + "|timm:NAME",
+                   help="network; 'tiny' (1.6K parameters) exists for fast tests only; timm:NAME[,key=value,...] "
+                        "builds a timm model (pretrained=False), e.g. timm:vit_tiny_patch16_224,img_size=32,patch_size=4")
     p.add_argument("--optim", default="sam", choices=["sam", "sgd"],
                    help="sgd = SAM with rho 0: the base optimizer alone, one pass")
     p.add_argument("--base", default="sgd", choices=["sgd", "adamw"],
@@ -182,6 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
                              "(funcsam.MicroBatches; the adapter's closure accumulates them): the whole batch's step (exactly so without BatchNorm; "
                              "BatchNorm normalises each micro-batch alone) in 1/K of the activation memory")
     return p
+
+
+def model_name(value: str) -> str:
+    """``--model``'s type: a name of ``MODELS`` or a timm model that timm knows (argparse's error otherwise)."""
+    if value.startswith(TIMM_PREFIX):
+        try:
+            parse_timm_model(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+    if value not in MODELS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(MODELS)} or timm:NAME)")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
