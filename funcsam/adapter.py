@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import buffers, mode_state
+from . import buffers, mode_state, sharding
 from .clipping import clip_by_global_norm
 from .grad_scaler import inverse_scale, record_found_inf, unscaled_grads
 from .hyperparameters import check_sam_options, is_static_zero
@@ -56,6 +56,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         self._perturbed: Perturbed | None = None
         self._gradients_seen: dict = {}
         super().__init__(params, defaults)
+        sharding.refuse_fsdp1(model, self._all_params())
+        sharding.params_layout(self._all_params())  # a mix of sharded and plain params is refused now
         self._mode_state = self.mode.init(self._all_params())
 
     @torch.no_grad()
@@ -74,6 +76,10 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
                 "that zeroes the gradients, computes the loss, calls loss.backward() and returns the loss: "
                 "loss = optimizer.step(closure); or call first_step() and second_step() around your own backward passes"
             )
+        with self._over_shards():
+            return self._step(closure, grad_scaler)
+
+    def _step(self, closure: Callable[[], Tensor], grad_scaler: torch.amp.GradScaler | None):
         # AESAM decides from its state: a host read of a 0-dim bool (free on the CPU, a sync on a GPU).
         take = self.mode.takes_sam(self.steps_taken, self._mode_state)
         if take and self.mode.ascent == "momentum":
@@ -108,8 +114,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         params = [p for _, group_params in groups for p in group_params]
         grads = unscaled_grads(params, inverse_scale(grad_scaler))
         grad_norm = global_norm(grads)
-        self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm), clone_all(params),
-                     pre_step_buffers, grad_scaler)
+        self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm),
+                     clone_all(sharding.local_views(params)), pre_step_buffers, grad_scaler)
 
     def _momentum_step(self, closure, grad_scaler, momenta: dict):
         """MSAM: one pass at w - e, e = rho * m / (||m|| + eps) (ASAM: rho * T^2 m / (||T m|| + eps)) over
@@ -117,8 +123,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         pass's BatchNorm updates are kept (there is no pass at w); a skipped step undoes them."""
         groups = [(group, [p for p in group["params"] if p in momenta]) for group in self.param_groups]
         groups = [(group, params) for group, params in groups if params]
-        perturbed, ascent, _ = group_perturbation(groups, [momenta[p] for _, params in groups for p in params],
-                                                  eta=self.eta, eps=self.eps, having="momentum")
+        vectors = sharding.local_views([momenta[p] for _, params in groups for p in params])
+        perturbed, ascent, _ = group_perturbation(groups, vectors, eta=self.eta, eps=self.eps, having="momentum")
         pre_step_buffers, unperturbed = buffers.snapshot(self.model), clone_all(perturbed)
         try:
             torch._foreach_sub_(perturbed, ascent)
@@ -149,7 +155,7 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         try:
             self._descend(groups, applied, finite, unperturbed)
         except BaseException:
-            torch._foreach_copy_(params, unperturbed)
+            torch._foreach_copy_(sharding.local_views(params), unperturbed)
             raise
         buffers.keep_if(finite, self.model, pre_step_buffers)
         record_found_inf(grad_scaler, self, finite)
@@ -194,6 +200,11 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
 
     def _all_params(self) -> list:
         return all_params(self.param_groups)
+
+    def _over_shards(self):
+        """The context in which a step's reductions are global over the mesh when the params are
+        sharded (FSDP2, :mod:`funcsam.sharding`); a no-op for plain params."""
+        return sharding.over_shards(sharding.params_layout(self._all_params()))
 
     def _momenta(self) -> dict:
         """The base optimizer's momentum by parameter, where it has one yet (MSAM's direction)."""

@@ -1,0 +1,295 @@
+"""One rank of the two-process gloo job in test_fsdp.py (started by the test, not by pytest).
+
+    python fsdp_worker.py OUT_DIR
+
+Every configuration of ``CONFIGS`` trains a ``fully_shard``ed model for ``STEPS`` steps, each rank on
+its part of the global batch; then the checkpoint runs (``CHECKPOINTS``: save with DCP after
+``SAVED_AT`` steps, go on, and resume from the checkpoint on both ranks), then the faults. Each rank
+saves what it computed to OUT_DIR/rank<r>.pt; the test computes every reference in one process with
+the functions below (``train`` over ``tied_replicas``: each rank's part forwarded by its own replica,
+the losses averaged, so BatchNorm sees what each rank sees).
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import funcsam
+from helpers import bn_convnet, classification_batches, mlp
+
+WORLD, STEPS, GLOBAL_BATCH = 2, 5, 8
+SAVED_AT = 3  # the checkpoint runs save after this many steps and take STEPS - SAVED_AT more
+
+SGD = dict(lr=0.1, momentum=0.9, weight_decay=5e-4)
+ADAMW = dict(lr=0.01, weight_decay=0.05)
+
+# name: (model, optimizer: (SAMSGD | torch.optim class), hyperparameters, call style, extras)
+CONFIGS = {
+    "sgd_closure": ("mlp", torch.optim.SGD, dict(SGD, rho=0.05), "closure", {}),
+    "sgd_first_second": ("mlp", torch.optim.SGD, dict(SGD, rho=0.05), "first_second", {}),
+    "adamw_davda54": ("mlp", torch.optim.AdamW, dict(ADAMW, rho=0.05), "davda54_closure", {}),
+    "samsgd_closure": ("mlp", "SAMSGD", dict(SGD, rho=0.05), "closure", {}),
+    "samsgd_bn_model": ("bn", "SAMSGD", dict(SGD, rho=0.05), "closure", {"model": True}),
+    "sgd_bn_model_first_second": ("bn", torch.optim.SGD, dict(SGD, rho=0.05), "first_second", {"model": True}),
+    "samsgd_max_grad_norm": ("mlp", "SAMSGD", dict(SGD, rho=0.05, max_grad_norm=0.05), "closure", {}),
+    "sgd_adaptive": ("mlp", torch.optim.SGD, dict(SGD, rho=0.5, adaptive=True, eta=0.01), "first_second", {}),
+    "samsgd_every2": ("mlp", "SAMSGD", dict(SGD, rho=0.05, mode=funcsam.every(2)), "closure", {}),
+    "adamw_late2": ("mlp", torch.optim.AdamW, dict(ADAMW, rho=0.05, mode=funcsam.late(2)), "closure", {}),
+    "sgd_looksam": ("mlp", torch.optim.SGD, dict(SGD, rho=0.05, mode=funcsam.LookSAM(k=2, alpha=0.7)), "closure", {}),
+    "samsgd_msam": ("mlp", "SAMSGD", dict(SGD, rho=0.3, mode=funcsam.MSAM()), "closure", {}),
+    "adamw_gsam": ("mlp", torch.optim.AdamW, dict(ADAMW, rho=0.05, mode=funcsam.GSAM(alpha=0.5)), "first_second", {}),
+    "samsgd_aesam": ("bn", "SAMSGD", dict(SGD, rho=0.05, mode=funcsam.AESAM(total_steps=STEPS)), "closure",
+                     {"model": True}),
+    "sgd_fp16_scaler": ("mlp", torch.optim.SGD, dict(SGD, rho=0.05), "closure", {"fp16": True}),
+    "samsgd_bf16_policy": ("mlp", "SAMSGD", dict(SGD, rho=0.05), "closure", {"bf16_policy": True}),
+}
+CHECKPOINTS = ["sgd_looksam", "samsgd_aesam", "adamw_late2"]
+
+
+def build_model(kind: str) -> nn.Module:
+    return mlp(seed=0) if kind == "mlp" else bn_convnet(seed=0)
+
+
+def global_batches(kind: str) -> list:
+    """The same global batches on every rank and in the test's references."""
+    return classification_batches(STEPS, GLOBAL_BATCH, (6,) if kind == "mlp" else (3, 4, 4), seed=3)
+
+
+def part(batch, rank: int, world: int = WORLD):
+    return funcsam.shard_batch(batch, rank, world)
+
+
+def build_optimizer(config: str, params, model: nn.Module):
+    """The optimizer of ``config`` over ``params`` (``model`` for ``model=``)."""
+    _, base, hyper, _, extras = CONFIGS[config]
+    hyper = dict(hyper, model=model if extras.get("model") else None)
+    if base == "SAMSGD":
+        return funcsam.SAMSGD(params, **hyper)
+    return funcsam.SAM(params, base, **hyper)
+
+
+def tied_replicas(model: nn.Module, world: int = WORLD) -> nn.ModuleList:
+    """``world`` copies of ``model`` sharing its parameters (replica 0's) with buffers of their own:
+    one process doing what each rank of a sharded run does to its part of the batch."""
+    replicas = nn.ModuleList([model] + [copy.deepcopy(model) for _ in range(world - 1)])
+    for replica in replicas[1:]:
+        for name, p in model.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            setattr(replica.get_submodule(owner) if owner else replica, leaf, p)
+    return replicas
+
+
+def train(config: str, replicas: list, parts: list, optimizer, batches: list, scaler=None) -> None:
+    """``optimizer``'s steps over ``batches``: the loss is the mean over ``replicas[i]`` on part
+    ``parts[i]`` of each global batch (one replica, its own rank's part, under FSDP2)."""
+    style, extras = CONFIGS[config][3], CONFIGS[config][4]
+    autocast = torch.float16 if extras.get("fp16") else None
+    for batch in batches:
+        def loss():
+            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                losses = [F.cross_entropy(replica(x).float(), y)
+                          for replica, (x, y) in zip(replicas, (part(batch, r) for r in parts))]
+            return torch.stack(losses).mean()
+
+        if style == "first_second":
+            loss().backward()
+            optimizer.first_step(zero_grad=True)
+            loss().backward()
+            optimizer.second_step(zero_grad=True)
+        elif style == "davda54_closure":
+            def closure():
+                value = loss()
+                value.backward()
+                return value
+            loss().backward()
+            optimizer.step(closure)
+            optimizer.zero_grad()
+        else:
+            def closure():
+                optimizer.zero_grad()
+                value = loss()
+                (value if scaler is None else scaler.scale(value)).backward()
+                return value
+            optimizer.step(closure, grad_scaler=scaler)
+            if scaler is not None:
+                scaler.update()
+
+
+def make_scaler(config: str):
+    """fp16 loss scaling on the CPU: torch.amp.GradScaler("cpu"), a small initial scale so it moves."""
+    return torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2) if CONFIGS[config][4].get("fp16") \
+        else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The sharded side (runs only under the test's two gloo ranks).
+
+def shard(model: nn.Module, mesh, bf16_policy: bool = False) -> nn.Module:
+    """``fully_shard`` on each child with parameters, then on the root, as torchtitan shards blocks."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if bf16_policy else MixedPrecisionPolicy()
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child, mesh=mesh, mp_policy=policy)
+    return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
+def full_params(model: nn.Module) -> dict:
+    return {name: p.full_tensor().detach().clone() for name, p in model.named_parameters()}
+
+
+def buffers_of(model: nn.Module) -> dict:
+    return {name: b.detach().clone() for name, b in model.named_buffers()}
+
+
+def run_config(config: str, mesh, rank: int) -> dict:
+    kind, extras = CONFIGS[config][0], CONFIGS[config][4]
+    model = shard(build_model(kind), mesh, extras.get("bf16_policy", False))
+    optimizer = build_optimizer(config, model.parameters(), model)
+    train(config, [model], [rank], optimizer, global_batches(kind), make_scaler(config))
+    return {"params": full_params(model), "buffers": buffers_of(model), "steps_taken": optimizer.steps_taken}
+
+
+def run_checkpoint(config: str, mesh, rank: int, out_dir: str) -> dict:
+    """Save with DCP after SAVED_AT steps and go on (uninterrupted); resume on both ranks from the save."""
+    import torch.distributed.checkpoint as dcp
+
+    from funcsam.checkpoint import load_sharded_state_dict, sharded_state_dict
+
+    kind = CONFIGS[config][0]
+    batches, path = global_batches(kind), os.path.join(out_dir, f"checkpoint_{config}")
+    model = shard(build_model(kind), mesh)
+    optimizer = build_optimizer(config, model.parameters(), model)
+    train(config, [model], [rank], optimizer, batches[:SAVED_AT])
+    dcp.save(sharded_state_dict(model, optimizer), checkpoint_id=path)
+    train(config, [model], [rank], optimizer, batches[SAVED_AT:])
+    uninterrupted = full_params(model)
+
+    resumed_model = shard(build_model(kind), mesh)
+    for p in resumed_model.parameters():  # so that only the checkpoint can make it right
+        p.detach().to_local().normal_()
+    resumed = build_optimizer(config, resumed_model.parameters(), resumed_model)
+    state = sharded_state_dict(resumed_model, resumed)
+    dcp.load(state, checkpoint_id=path)
+    load_sharded_state_dict(resumed_model, resumed, state)
+    steps_after_load = resumed.steps_taken
+    train(config, [resumed_model], [rank], resumed, batches[SAVED_AT:])
+    return {"uninterrupted": uninterrupted, "resumed": full_params(resumed_model), "steps_after_load": steps_after_load,
+            "buffers": buffers_of(model)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Faults.
+
+def mismatched_load(mesh, rank: int) -> dict:
+    """A plain ``optimizer.state_dict()`` of sharded state, loaded where the sharding differs: plain
+    params (one process) and a mesh of one rank. Returns each refusal's message and whether anything changed."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    config = "sgd_looksam"
+    model = shard(build_model("mlp"), mesh)
+    optimizer = build_optimizer(config, model.parameters(), model)
+    train(config, [model], [rank], optimizer, global_batches("mlp")[:2])
+    saved = optimizer.state_dict()
+    result = {}
+    alone = [dist.new_group([r], backend="gloo") for r in range(WORLD)][rank]  # every rank creates every group
+    if rank != 0:
+        return result
+    targets = {"plain": build_model("mlp"),
+               "one_rank_mesh": shard(build_model("mlp"), DeviceMesh.from_group(alone, "cpu"))}
+    for name, target in targets.items():
+        other = build_optimizer(config, target.parameters(), target)
+        train(config, [target], [0], other, global_batches("mlp")[:1])  # some state to keep
+        before = copy.deepcopy(other.state_dict())
+        try:
+            other.load_state_dict(saved)
+            result[name] = "accepted"
+        except ValueError as error:
+            result[name] = str(error)
+        after = other.state_dict()
+        result[name + "_unchanged"] = _same_state(before, after)
+    return result
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    def flat(tree):
+        if isinstance(tree, dict):
+            return [x for key in sorted(tree, key=str) for x in flat(tree[key])]
+        if isinstance(tree, (list, tuple)):
+            return [x for item in tree for x in flat(item)]
+        return [tree]
+    left, right = flat(a), flat(b)
+    return len(left) == len(right) and all(
+        torch.equal(_whole(x), _whole(y)) if isinstance(x, torch.Tensor) else x == y for x, y in zip(left, right))
+
+
+def _whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def closure_raises(rank: int, timeout_s: float) -> dict:
+    """Rank 0's closure raises at w + e. Each rank reports whether its params are back at w, the error
+    it saw and how long it took (rank 1 waits in the next all-gather until the group's timeout)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import DeviceMesh
+
+    group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+    model = shard(build_model("mlp"), DeviceMesh.from_group(group, "cpu"))
+    optimizer = funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05)
+    x, y = part(global_batches("mlp")[0], rank)
+    before = [p.to_local().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if rank == 0 and len(calls) == 2:
+            raise RuntimeError("the closure failed at w + e")
+        optimizer.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    start = time.perf_counter()
+    try:
+        optimizer.step(closure)
+        error = None
+    except Exception as caught:  # noqa: BLE001 (what the rank saw is the result)
+        error = f"{type(caught).__name__}: {caught}"
+    elapsed = time.perf_counter() - start
+    back_at_w = all(torch.equal(p.to_local(), b) for p, b in zip(model.parameters(), before))
+    return {"error": error, "seconds": elapsed, "back_at_w": back_at_w}
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (WORLD,))
+    result = {"configs": {}, "checkpoints": {}}
+    for config in CONFIGS:
+        result["configs"][config] = run_config(config, mesh, rank)
+    for config in CHECKPOINTS:
+        result["checkpoints"][config] = run_checkpoint(config, mesh, rank, out_dir)
+    result["mismatched_load"] = mismatched_load(mesh, rank)
+    dist.barrier()
+    result["closure_raises"] = closure_raises(rank, timeout_s=5.0)
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # rank 1 arrives after its timeout; the default group still works
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, os.path.dirname(__file__))
+    main(sys.argv[1])
