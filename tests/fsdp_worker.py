@@ -94,9 +94,12 @@ def train(config: str, replicas: list, parts: list, optimizer, batches: list, sc
     autocast = torch.float16 if extras.get("fp16") else None
     for batch in batches:
         def loss():
-            with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                losses = [F.cross_entropy(replica(x).float(), y)
-                          for replica, (x, y) in zip(replicas, (part(batch, r) for r in parts))]
+            losses = []
+            for replica, (x, y) in zip(replicas, (part(batch, r) for r in parts)):
+                # One autocast region per replica: a shared one would cast the shared weights once and
+                # sum the replicas' fp16 gradients in fp16, where FSDP2 averages fp32 ones.
+                with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+                    losses.append(F.cross_entropy(replica(x).float(), y))
             return torch.stack(losses).mean()
 
         if style == "first_second":
@@ -201,7 +204,10 @@ def mismatched_load(mesh, rank: int) -> dict:
     optimizer = build_optimizer(config, model.parameters(), model)
     train(config, [model], [rank], optimizer, global_batches("mlp")[:2])
     saved = optimizer.state_dict()
-    result = {}
+    plain = build_model("mlp")
+    plain_optimizer = build_optimizer(config, plain.parameters(), plain)
+    train(config, [plain], [rank], plain_optimizer, global_batches("mlp")[:1])
+    result = _refusal(optimizer, plain_optimizer.state_dict(), "sharded_gets_plain")
     alone = [dist.new_group([r], backend="gloo") for r in range(WORLD)][rank]  # every rank creates every group
     if rank != 0:
         return result
@@ -210,15 +216,19 @@ def mismatched_load(mesh, rank: int) -> dict:
     for name, target in targets.items():
         other = build_optimizer(config, target.parameters(), target)
         train(config, [target], [0], other, global_batches("mlp")[:1])  # some state to keep
-        before = copy.deepcopy(other.state_dict())
-        try:
-            other.load_state_dict(saved)
-            result[name] = "accepted"
-        except ValueError as error:
-            result[name] = str(error)
-        after = other.state_dict()
-        result[name + "_unchanged"] = _same_state(before, after)
+        result.update(_refusal(other, saved, name))
     return result
+
+
+def _refusal(optimizer, state_dict: dict, name: str) -> dict:
+    """``{name: the ValueError's message (or "accepted"), name_unchanged: whether the state stayed as it was}``."""
+    before = copy.deepcopy(optimizer.state_dict())
+    try:
+        optimizer.load_state_dict(state_dict)
+        message = "accepted"
+    except ValueError as error:
+        message = str(error)
+    return {name: message, name + "_unchanged": _same_state(before, optimizer.state_dict())}
 
 
 def _same_state(a: dict, b: dict) -> bool:
