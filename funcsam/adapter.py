@@ -115,7 +115,7 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         grads = unscaled_grads(params, inverse_scale(grad_scaler))
         grad_norm = global_norm(grads)
         self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm),
-                     clone_all(sharding.local_views(params)), pre_step_buffers, grad_scaler)
+                     clone_all(sharding.local_views(params)), pre_step_buffers, grad_scaler, held_norm=grad_norm)
 
     def _momentum_step(self, closure, grad_scaler, momenta: dict):
         """MSAM: one pass at w - e, e = rho * m / (||m|| + eps) (ASAM: rho * T^2 m / (||T m|| + eps)) over
@@ -141,8 +141,10 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         return loss
 
     def _finish(self, groups: list, gradients: StepGradients, finite: Tensor, unperturbed: list,
-                pre_step_buffers: list | None, grad_scaler) -> None:
-        """The mode's direction and observation, then the base step with it (held in p.grad, clipped)."""
+                pre_step_buffers: list | None, grad_scaler, *, held_norm: Tensor | None = None) -> None:
+        """The mode's direction and observation, then the base step with it (held in p.grad, clipped).
+        ``held_norm``: the global norm of the gradient p.grad holds, which clipping reuses when the
+        direction is that gradient (SAM's g_sam, the base step's g)."""
         params = [p for _, group_params in groups for p in group_params]
         indices = positions(self.param_groups, params) if self.mode.per_parameter else None
         own = mode_state.gather(self.mode, self._mode_state, indices)
@@ -151,7 +153,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         held = gradients.first if gradients.sam is None else gradients.sam  # the p.grad tensors
         if direction is not held:
             torch._foreach_copy_(held, direction)
-        applied = held if self.max_grad_norm is None else clip_by_global_norm(held, self.max_grad_norm)[0]
+            held_norm = None
+        applied = held if self.max_grad_norm is None else clip_by_global_norm(held, self.max_grad_norm, held_norm)[0]
         try:
             self._descend(groups, applied, finite, unperturbed)
         except BaseException:

@@ -188,7 +188,7 @@ def reduced_sum(leaves: Sequence, partial_sums: Sequence[Tensor]) -> Tensor:
     """sum_i partial_sums[i], where partial_sums[i] is leaf i's local contribution, summed over the
     shard groups of each leaf's layout: one all_reduce of one scalar per group (one in all for FSDP2).
 
-    ``partial_sums`` are 0-dim tensors of one dtype; leaves that are neither DTensors nor inside
+    ``partial_sums`` are 0-dim tensors of one dtype (or vectors of one length: several sums at once); leaves that are neither DTensors nor inside
     :func:`over_shards` count once (they are whole on every rank).
     """
     current = _CURRENT.get()
@@ -199,7 +199,7 @@ def reduced_sum(leaves: Sequence, partial_sums: Sequence[Tensor]) -> Tensor:
         by_layout.setdefault(tuple(groups), []).append(partial)
     total = None
     for groups, parts in by_layout.items():
-        summed = torch.stack(parts).sum()
+        summed = torch.stack(parts).sum(0)
         for group in groups:
             dist.all_reduce(summed, op=dist.ReduceOp.SUM, group=group)
         total = summed if total is None else total + summed

@@ -84,6 +84,19 @@ def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()
 
 
+def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> list[Tensor]:
+    """``[dot(a, b) for a, b in pairs]``, every list aligned with the first; over sharded leaves the
+    local sums travel in one all-reduce together (plain leaves: :func:`dot` each, bit for bit)."""
+    pairs = [(list(a), list(b)) for a, b in pairs]
+    if not sharding.uses_shards(pairs[0][0]):
+        return [dot(a, b) for a, b in pairs]
+    dtype = torch.float64 if any(leaf.dtype == torch.float64 for a, _ in pairs for leaf in a) else torch.float32
+    local = [(sharding.local_views(a), sharding.local_views(b)) for a, b in pairs]
+    partial = [torch.stack([torch.sum(a[i].to(dtype) * b[i].to(dtype)) for a, b in local])
+               for i in range(len(pairs[0][0]))]
+    return list(sharding.reduced_sum(pairs[0][0], partial).unbind())
+
+
 def mean_of(lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:
     """The leafwise mean of K aligned leaf lists: ``(1/K) sum_k x_k``."""
     return [torch.stack(parts).mean(dim=0) for parts in zip(*lists)]

@@ -111,10 +111,11 @@ class TwoHalves:
                                f"({described(missing, self.param_groups, self.model)}): the second backward "
                                "pass must compute the same loss as the first")
         sam_grads = unscaled_grads(perturbed.params, inverse_scale(grad_scaler))
-        finite = torch.isfinite(perturbed.grad_norm) & torch.isfinite(global_norm(sam_grads))
+        sam_norm = global_norm(sam_grads)
+        finite = torch.isfinite(perturbed.grad_norm) & torch.isfinite(sam_norm)
         gradients = StepGradients(perturbed.first_grads, sam_grads, perturbed.first_norm)
         self._finish(perturbed.groups, gradients, finite, perturbed.unperturbed, perturbed.pre_step_buffers,
-                     grad_scaler)
+                     grad_scaler, held_norm=sam_norm)
 
     def _check_two_halves(self, method: str) -> None:
         if not self.mode.two_halves:
