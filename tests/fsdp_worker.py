@@ -52,6 +52,15 @@ CONFIGS = {
     "samsgd_bf16_policy": ("mlp", "SAMSGD", dict(SGD, rho=0.05), "closure", {"bf16_policy": True}),
 }
 CHECKPOINTS = ["sgd_looksam", "samsgd_aesam", "adamw_late2"]
+# The all-reduces funcsam adds to step 2 (a SAM step in every mode here): one per reduction.
+ALL_REDUCES = {
+    "sgd_closure": 2,           # ||g||; the finite verdict's ||g_sam||
+    "samsgd_max_grad_norm": 2,  # the same: clipping reuses ||g_sam||
+    "sgd_adaptive": 2,          # ||T g||; ||g_sam||
+    "sgd_looksam": 3,           # ||g||; ||g_sam||; g_sam . g and g . g together
+    "adamw_gsam": 3,            # ||g||; ||g_sam||; g . g_sam and g_sam . g_sam together
+    "samsgd_msam": 2,           # ||m||; ||g|| (one pass)
+}
 
 
 def build_model(kind: str) -> nn.Module:
@@ -160,6 +169,30 @@ def run_config(config: str, mesh, rank: int) -> dict:
     optimizer = build_optimizer(config, model.parameters(), model)
     train(config, [model], [rank], optimizer, global_batches(kind), make_scaler(config))
     return {"params": full_params(model), "buffers": buffers_of(model), "steps_taken": optimizer.steps_taken}
+
+
+def all_reduces_in_a_step(config: str, mesh, rank: int) -> int:
+    """How many times ``torch.distributed.all_reduce`` is called during step 2 of ``config`` (FSDP2
+    itself all-gathers and reduce-scatters; only funcsam's reductions all-reduce)."""
+    import torch.distributed as dist
+
+    kind = CONFIGS[config][0]
+    model = shard(build_model(kind), mesh)
+    optimizer = build_optimizer(config, model.parameters(), model)
+    batches = global_batches(kind)
+    train(config, [model], [rank], optimizer, batches[:2])
+    original, calls = dist.all_reduce, []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        train(config, [model], [rank], optimizer, batches[2:3])
+    finally:
+        dist.all_reduce = original
+    return len(calls)
 
 
 def run_checkpoint(config: str, mesh, rank: int, out_dir: str) -> dict:
@@ -292,6 +325,7 @@ def main(out_dir: str) -> None:
         result["configs"][config] = run_config(config, mesh, rank)
     for config in CHECKPOINTS:
         result["checkpoints"][config] = run_checkpoint(config, mesh, rank, out_dir)
+    result["all_reduces"] = {config: all_reduces_in_a_step(config, mesh, rank) for config in ALL_REDUCES}
     result["mismatched_load"] = mismatched_load(mesh, rank)
     dist.barrier()
     result["closure_raises"] = closure_raises(rank, timeout_s=5.0)

@@ -82,6 +82,13 @@ def test_every_sharded_run_moved_the_params(ranks):
 
 
 @pytest.mark.slow
+def test_each_reduction_is_one_all_reduce(ranks):
+    _, results = ranks
+    for result in results:
+        assert result["all_reduces"] == worker.ALL_REDUCES
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("config", worker.CHECKPOINTS)
 def test_checkpoint_resumes_exactly_on_two_ranks(ranks, config):
     _, results = ranks
