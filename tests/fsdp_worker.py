@@ -6,7 +6,7 @@ Every configuration of ``CONFIGS`` trains a ``fully_shard``ed model for ``STEPS`
 its part of the global batch; then the checkpoint runs (``CHECKPOINTS``: save with DCP after
 ``SAVED_AT`` steps, go on, and resume from the checkpoint on both ranks), then the faults. Each rank
 saves what it computed to OUT_DIR/rank<r>.pt; the test computes every reference in one process with
-the functions below (``train`` over ``tied_replicas``: each rank's part forwarded by its own replica,
+the functions below (``train`` over ``Replicas``: each rank's part forwarded by its own replica,
 the losses averaged, so BatchNorm sees what each rank sees).
 """
 
@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import funcsam
-from helpers import bn_convnet, classification_batches, mlp
+from helpers import adapter_steps, bn_convnet, classification_batches, mlp
 
 WORLD, STEPS, GLOBAL_BATCH = 2, 5, 8
 SAVED_AT = 3  # the checkpoint runs save after this many steps and take STEPS - SAVED_AT more
@@ -76,6 +76,11 @@ def part(batch, rank: int, world: int = WORLD):
     return funcsam.shard_batch(batch, rank, world)
 
 
+def parts_of(batches: list, rank: int) -> list:
+    """Rank ``rank``'s part of each global batch."""
+    return [part(batch, rank) for batch in batches]
+
+
 def build_optimizer(config: str, params, model: nn.Module):
     """The optimizer of ``config`` over ``params`` (``model`` for ``model=``)."""
     _, base, hyper, _, extras = CONFIGS[config]
@@ -85,54 +90,34 @@ def build_optimizer(config: str, params, model: nn.Module):
     return funcsam.SAM(params, base, **hyper)
 
 
-def tied_replicas(model: nn.Module, world: int = WORLD) -> nn.ModuleList:
-    """``world`` copies of ``model`` sharing its parameters (replica 0's) with buffers of their own:
-    one process doing what each rank of a sharded run does to its part of the batch."""
-    replicas = nn.ModuleList([model] + [copy.deepcopy(model) for _ in range(world - 1)])
-    for replica in replicas[1:]:
-        for name, p in model.named_parameters():
-            owner, _, leaf = name.rpartition(".")
-            setattr(replica.get_submodule(owner) if owner else replica, leaf, p)
-    return replicas
+class Replicas(nn.Module):
+    """``world`` copies of ``model`` sharing its parameters (replica 0's), each with buffers of its
+    own, each forwarding its rank's part of the batch: one process doing what the ranks of a sharded
+    run do. The outputs are concatenated, so a mean loss over them is the mean of the ranks' losses."""
+
+    def __init__(self, model: nn.Module, world: int = WORLD):
+        super().__init__()
+        self.replicas = nn.ModuleList([model] + [copy.deepcopy(model) for _ in range(world - 1)])
+        for replica in self.replicas[1:]:
+            for name, p in model.named_parameters():
+                owner, _, leaf = name.rpartition(".")
+                setattr(replica.get_submodule(owner) if owner else replica, leaf, p)
+
+    def forward(self, x):
+        outputs = []
+        for rank, replica in enumerate(self.replicas):
+            # Under autocast, a fresh cast per replica: a cached one would sum the replicas' fp16
+            # gradients in fp16, where FSDP2 averages each rank's fp32 gradient.
+            with torch.autocast("cpu", enabled=torch.is_autocast_enabled("cpu"), cache_enabled=False):
+                outputs.append(replica(part(x, rank, len(self.replicas))))
+        return torch.cat(outputs)
 
 
-def train(config: str, replicas: list, parts: list, optimizer, batches: list, scaler=None) -> None:
-    """``optimizer``'s steps over ``batches``: the loss is the mean over ``replicas[i]`` on part
-    ``parts[i]`` of each global batch (one replica, its own rank's part, under FSDP2)."""
+def train(config: str, model: nn.Module, optimizer, batches: list, scaler=None) -> None:
+    """``optimizer``'s steps over ``batches`` in ``config``'s call style (``helpers.adapter_steps``)."""
     style, extras = CONFIGS[config][3], CONFIGS[config][4]
-    autocast = torch.float16 if extras.get("fp16") else None
-    for batch in batches:
-        def loss():
-            losses = []
-            for replica, (x, y) in zip(replicas, (part(batch, r) for r in parts)):
-                # One autocast region per replica: a shared one would cast the shared weights once and
-                # sum the replicas' fp16 gradients in fp16, where FSDP2 averages fp32 ones.
-                with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
-                    losses.append(F.cross_entropy(replica(x).float(), y))
-            return torch.stack(losses).mean()
-
-        if style == "first_second":
-            loss().backward()
-            optimizer.first_step(zero_grad=True)
-            loss().backward()
-            optimizer.second_step(zero_grad=True)
-        elif style == "davda54_closure":
-            def closure():
-                value = loss()
-                value.backward()
-                return value
-            loss().backward()
-            optimizer.step(closure)
-            optimizer.zero_grad()
-        else:
-            def closure():
-                optimizer.zero_grad()
-                value = loss()
-                (value if scaler is None else scaler.scale(value)).backward()
-                return value
-            optimizer.step(closure, grad_scaler=scaler)
-            if scaler is not None:
-                scaler.update()
+    adapter_steps(model, optimizer, batches, style, scaler=scaler,
+                  autocast_dtype=torch.float16 if extras.get("fp16") else None)
 
 
 def make_scaler(config: str):
@@ -167,7 +152,7 @@ def run_config(config: str, mesh, rank: int) -> dict:
     kind, extras = CONFIGS[config][0], CONFIGS[config][4]
     model = shard(build_model(kind), mesh, extras.get("bf16_policy", False))
     optimizer = build_optimizer(config, model.parameters(), model)
-    train(config, [model], [rank], optimizer, global_batches(kind), make_scaler(config))
+    train(config, model, optimizer, parts_of(global_batches(kind), rank), make_scaler(config))
     return {"params": full_params(model), "buffers": buffers_of(model), "steps_taken": optimizer.steps_taken}
 
 
@@ -180,7 +165,7 @@ def all_reduces_in_a_step(config: str, mesh, rank: int) -> int:
     model = shard(build_model(kind), mesh)
     optimizer = build_optimizer(config, model.parameters(), model)
     batches = global_batches(kind)
-    train(config, [model], [rank], optimizer, batches[:2])
+    train(config, model, optimizer, parts_of(batches[:2], rank))
     original, calls = dist.all_reduce, []
 
     def counting(*args, **kwargs):
@@ -189,7 +174,7 @@ def all_reduces_in_a_step(config: str, mesh, rank: int) -> int:
 
     dist.all_reduce = counting
     try:
-        train(config, [model], [rank], optimizer, batches[2:3])
+        train(config, model, optimizer, parts_of(batches[2:3], rank))
     finally:
         dist.all_reduce = original
     return len(calls)
@@ -205,9 +190,9 @@ def run_checkpoint(config: str, mesh, rank: int, out_dir: str) -> dict:
     batches, path = global_batches(kind), os.path.join(out_dir, f"checkpoint_{config}")
     model = shard(build_model(kind), mesh)
     optimizer = build_optimizer(config, model.parameters(), model)
-    train(config, [model], [rank], optimizer, batches[:SAVED_AT])
+    train(config, model, optimizer, parts_of(batches[:SAVED_AT], rank))
     dcp.save(sharded_state_dict(model, optimizer), checkpoint_id=path)
-    train(config, [model], [rank], optimizer, batches[SAVED_AT:])
+    train(config, model, optimizer, parts_of(batches[SAVED_AT:], rank))
     uninterrupted = full_params(model)
 
     resumed_model = shard(build_model(kind), mesh)
@@ -218,7 +203,7 @@ def run_checkpoint(config: str, mesh, rank: int, out_dir: str) -> dict:
     dcp.load(state, checkpoint_id=path)
     load_sharded_state_dict(resumed_model, resumed, state)
     steps_after_load = resumed.steps_taken
-    train(config, [resumed_model], [rank], resumed, batches[SAVED_AT:])
+    train(config, resumed_model, resumed, parts_of(batches[SAVED_AT:], rank))
     return {"uninterrupted": uninterrupted, "resumed": full_params(resumed_model), "steps_after_load": steps_after_load,
             "buffers": buffers_of(model)}
 
@@ -235,11 +220,11 @@ def mismatched_load(mesh, rank: int) -> dict:
     config = "sgd_looksam"
     model = shard(build_model("mlp"), mesh)
     optimizer = build_optimizer(config, model.parameters(), model)
-    train(config, [model], [rank], optimizer, global_batches("mlp")[:2])
+    train(config, model, optimizer, parts_of(global_batches("mlp")[:2], rank))
     saved = optimizer.state_dict()
     plain = build_model("mlp")
     plain_optimizer = build_optimizer(config, plain.parameters(), plain)
-    train(config, [plain], [rank], plain_optimizer, global_batches("mlp")[:1])
+    train(config, plain, plain_optimizer, parts_of(global_batches("mlp")[:1], rank))
     result = _refusal(optimizer, plain_optimizer.state_dict(), "sharded_gets_plain")
     alone = [dist.new_group([r], backend="gloo") for r in range(WORLD)][rank]  # every rank creates every group
     if rank != 0:
@@ -248,7 +233,7 @@ def mismatched_load(mesh, rank: int) -> dict:
                "one_rank_mesh": shard(build_model("mlp"), DeviceMesh.from_group(alone, "cpu"))}
     for name, target in targets.items():
         other = build_optimizer(config, target.parameters(), target)
-        train(config, [target], [0], other, global_batches("mlp")[:1])  # some state to keep
+        train(config, target, other, parts_of(global_batches("mlp")[:1], 0))  # some state to keep
         result.update(_refusal(other, saved, name))
     return result
 
