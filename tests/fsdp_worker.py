@@ -50,6 +50,10 @@ CONFIGS = {
                      {"model": True}),
     "sgd_fp16_scaler": ("mlp", torch.optim.SGD, dict(SGD, rho=0.05), "closure", {"fp16": True}),
     "samsgd_bf16_policy": ("mlp", "SAMSGD", dict(SGD, rho=0.05), "closure", {"bf16_policy": True}),
+    # HSDP on a (2 replicas, 1 shard) mesh: placements (Replicate, Shard); a norm summed over the
+    # replicate dimension too would count every shard twice.
+    "sgd_looksam_hsdp": ("mlp", torch.optim.SGD, dict(SGD, rho=0.05, mode=funcsam.LookSAM(k=2, alpha=0.7)), "closure",
+                         {"hsdp": True}),
 }
 CHECKPOINTS = ["sgd_looksam", "samsgd_aesam", "adamw_late2"]
 # The all-reduces funcsam adds to step 2 (a SAM step in every mode here): one per reduction.
@@ -148,8 +152,9 @@ def buffers_of(model: nn.Module) -> dict:
     return {name: b.detach().clone() for name, b in model.named_buffers()}
 
 
-def run_config(config: str, mesh, rank: int) -> dict:
+def run_config(config: str, meshes: dict, rank: int) -> dict:
     kind, extras = CONFIGS[config][0], CONFIGS[config][4]
+    mesh = meshes["hsdp" if extras.get("hsdp") else "fsdp"]
     model = shard(build_model(kind), mesh, extras.get("bf16_policy", False))
     optimizer = build_optimizer(config, model.parameters(), model)
     train(config, model, optimizer, parts_of(global_batches(kind), rank), make_scaler(config))
@@ -305,9 +310,10 @@ def main(out_dir: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (WORLD,))
+    meshes = {"fsdp": mesh, "hsdp": init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))}
     result = {"configs": {}, "checkpoints": {}}
     for config in CONFIGS:
-        result["configs"][config] = run_config(config, mesh, rank)
+        result["configs"][config] = run_config(config, meshes, rank)
     for config in CHECKPOINTS:
         result["checkpoints"][config] = run_checkpoint(config, mesh, rank, out_dir)
     result["all_reduces"] = {config: all_reduces_in_a_step(config, mesh, rank) for config in ALL_REDUCES}
