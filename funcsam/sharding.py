@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 from typing import Iterator, NamedTuple, Sequence
 
 import torch
@@ -53,7 +54,9 @@ class ShardLayout(NamedTuple):
 _CURRENT: contextvars.ContextVar[ShardLayout | None] = contextvars.ContextVar("funcsam_shard_layout", default=None)
 
 
+@functools.cache
 def _dtensor_type():
+    """``DTensor``, imported on first use (``import funcsam`` does not load torch.distributed.tensor)."""
     if not dist.is_available():
         return None
     from torch.distributed.tensor import DTensor
