@@ -44,6 +44,7 @@ def sharded_state_dict(model: torch.nn.Module, optimizer: SAMOptimizer) -> dict:
     DCP loads it in place) and the mode's own state, per-parameter fields keyed by parameter name.
     """
     _check_optimizer(optimizer)
+    _names(model, optimizer)  # the optimizer's params are the model's, or a message before torch's KeyError
     _initialise_state(optimizer)
     return {"model": get_model_state_dict(model),
             "optimizer": get_optimizer_state_dict(model, optimizer),

@@ -231,6 +231,11 @@ def mismatched_load(mesh, rank: int) -> dict:
     plain_optimizer = build_optimizer(config, plain.parameters(), plain)
     train(config, plain, plain_optimizer, parts_of(global_batches("mlp")[:1], rank))
     result = _refusal(optimizer, plain_optimizer.state_dict(), "sharded_gets_plain")
+    try:
+        funcsam.SAMSGD(list(model.parameters()) + list(plain.parameters()), lr=0.1, rho=0.05)
+        result["mixed_params"] = "accepted"
+    except ValueError as error:
+        result["mixed_params"] = str(error)
     alone = [dist.new_group([r], backend="gloo") for r in range(WORLD)][rank]  # every rank creates every group
     if rank != 0:
         return result

@@ -139,6 +139,13 @@ def test_plain_state_dict_of_sharded_state_is_refused_on_another_sharding(ranks)
 
 
 @pytest.mark.slow
+def test_a_mix_of_sharded_and_plain_params_is_refused(ranks):
+    _, results = ranks
+    message = results[0]["mismatched_load"]["mixed_params"]
+    assert "4 of the optimizer's 8 parameters are sharded" in message and "fully_shard" in message, message
+
+
+@pytest.mark.slow
 def test_rank_whose_closure_raises_comes_back_to_w_and_the_other_rank_times_out(ranks):
     _, results = ranks
     failing, waiting = results[0]["closure_raises"], results[1]["closure_raises"]
@@ -158,6 +165,25 @@ def test_fsdp1_params_are_refused_with_a_pointer_to_fully_shard():
                   lambda: funcsam.SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model)):
         with pytest.raises(TypeError, match=r"FSDP1.*fully_shard"):
             build()
+
+
+def test_checkpoint_helpers_refuse_what_they_cannot_handle():
+    from funcsam.checkpoint import load_sharded_state_dict, sharded_state_dict
+
+    model = mlp()
+    with pytest.raises(TypeError, match="funcsam.SAM or funcsam.SAMSGD"):
+        sharded_state_dict(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    optimizer = funcsam.SAMSGD(model.parameters(), lr=0.1, momentum=0.9, rho=0.05, mode=funcsam.LookSAM(k=2))
+    state = sharded_state_dict(model, optimizer)
+    assert set(state["funcsam"]["looksam_g_v"]["g_v"]) == {name for name, _ in model.named_parameters()}
+    with pytest.raises(ValueError, match="keys model, optimizer, funcsam"):
+        load_sharded_state_dict(model, optimizer, {"model": state["model"]})
+    state["funcsam"]["looksam_g_v"]["g_v"]["0.weight"] = torch.zeros(2, 2)
+    with pytest.raises(ValueError, match="does not fit a parameter"):
+        load_sharded_state_dict(model, optimizer, state)
+    other = mlp(seed=1)
+    with pytest.raises(ValueError, match="not parameters of model"):
+        sharded_state_dict(other, optimizer)
 
 
 def test_reductions_of_plain_leaves_are_unchanged_outside_shards():
