@@ -134,7 +134,8 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (world,))
     generator = torch.Generator().manual_seed(rank)
-    batch = (torch.randn(args.batch, 3, 32, 32, generator=generator), torch.randint(0, 10, (args.batch,), generator=generator))
+    batch = (torch.randn(args.batch, 3, 32, 32, generator=generator),
+             torch.randint(0, 10, (args.batch,), generator=generator))
 
     runs = {}
     for name, (base, factory, sam) in variants().items():

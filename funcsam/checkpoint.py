@@ -57,8 +57,9 @@ def load_sharded_state_dict(model: torch.nn.Module, optimizer: SAMOptimizer, sta
     ``optimizer.load_state_dict`` checks them, before the optimizer changes)."""
     _check_optimizer(optimizer)
     if not isinstance(state, dict) or set(state) != {"model", "optimizer", "funcsam"}:
+        got = sorted(state) if isinstance(state, dict) else f"{state!r:.80}"
         raise ValueError("state must be the dict sharded_state_dict(model, optimizer) returned, filled by dcp.load: "
-                         f"keys model, optimizer, funcsam; got {sorted(state) if isinstance(state, dict) else state!r:.80}")
+                         f"keys model, optimizer, funcsam; got {got}")
     entry = _funcsam_by_index(model, optimizer, state["funcsam"])
     checked = optimizer._saved_mode_state({"funcsam": entry})
     _initialise_state(optimizer)

@@ -34,8 +34,8 @@ import torch.distributed as dist
 
 Tensor = torch.Tensor
 
-__all__ = ["ShardLayout", "check_sharded_alike", "check_state_sharding", "is_dtensor", "layout_of", "local_views", "over_shards", "params_layout", "reduced_sum",
-           "refuse_fsdp1", "stored_into", "uses_shards"]
+__all__ = ["ShardLayout", "check_sharded_alike", "check_state_sharding", "is_dtensor", "layout_of", "local_views",
+           "over_shards", "params_layout", "reduced_sum", "refuse_fsdp1", "stored_into", "uses_shards"]
 
 
 class ShardLayout(NamedTuple):
@@ -191,8 +191,9 @@ def reduced_sum(leaves: Sequence, partial_sums: Sequence[Tensor]) -> Tensor:
     """sum_i partial_sums[i], where partial_sums[i] is leaf i's local contribution, summed over the
     shard groups of each leaf's layout: one all_reduce of one scalar per group (one in all for FSDP2).
 
-    ``partial_sums`` are 0-dim tensors of one dtype (or vectors of one length: several sums at once); leaves that are neither DTensors nor inside
-    :func:`over_shards` count once (they are whole on every rank).
+    ``partial_sums`` are 0-dim tensors of one dtype (or vectors of one length: several sums in one
+    all-reduce). Leaves that are neither DTensors nor inside :func:`over_shards` count once (they are
+    whole on every rank).
     """
     current = _CURRENT.get()
     by_layout: dict[tuple, list] = {}
