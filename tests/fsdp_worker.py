@@ -40,6 +40,7 @@ CONFIGS = {
     "samsgd_bn_model": ("bn", "SAMSGD", dict(SGD, rho=0.05), "closure", {"model": True}),
     "sgd_bn_model_first_second": ("bn", torch.optim.SGD, dict(SGD, rho=0.05), "first_second", {"model": True}),
     "samsgd_max_grad_norm": ("mlp", "SAMSGD", dict(SGD, rho=0.05, max_grad_norm=0.05), "closure", {}),
+    "adamw_max_grad_norm": ("mlp", torch.optim.AdamW, dict(ADAMW, rho=0.05, max_grad_norm=0.05), "first_second", {}),
     "sgd_adaptive": ("mlp", torch.optim.SGD, dict(SGD, rho=0.5, adaptive=True, eta=0.01), "first_second", {}),
     "samsgd_every2": ("mlp", "SAMSGD", dict(SGD, rho=0.05, mode=funcsam.every(2)), "closure", {}),
     "adamw_late2": ("mlp", torch.optim.AdamW, dict(ADAMW, rho=0.05, mode=funcsam.late(2)), "closure", {}),
