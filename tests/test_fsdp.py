@@ -101,6 +101,7 @@ def test_checkpoint_resumes_exactly_on_two_ranks(ranks, config):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note that it loads in one process
 @pytest.mark.parametrize("config", worker.CHECKPOINTS)
 def test_checkpoint_saved_on_two_ranks_resumes_on_one(ranks, config):
     """dcp.load into a plain one-process model and optimizer (resharding 2 -> 1), then the last steps."""
