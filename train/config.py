@@ -333,8 +333,9 @@ def check_fsdp(args: argparse.Namespace, world_size: int) -> None:
                                    (f"--accumulate {args.accumulate}", args.accumulate > 1),
                                    ("one process", world_size == 1)) if on]
     if asked:
-        raise UsageError(f"--fsdp cannot run with {', '.join(asked)}: it shards the model over the processes of "
-                         "`torchrun --nproc_per_node N` (N >= 2) and steps with --api adapter, eager, one pass at a time")
+        raise UsageError(f"--fsdp cannot run with {', '.join(asked)}: it shards the model over the processes "
+                         "of `torchrun --nproc_per_node N` (N >= 2) and steps with --api adapter, eager, one pass "
+                         "at a time")
 
 
 def pick_device(choice: str) -> torch.device:
