@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import buffers, mode_state
+from . import buffers, mode_state, sharding
 from .clipping import clip_by_global_norm
 from .ddp import Replicas
 from .grad_scaler import inverse_scale, record_found_inf, unscaled_grads
@@ -61,6 +61,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         self._perturbed: Perturbed | None = None
         self._gradients_seen: dict = {}
         super().__init__(params, defaults)
+        sharding.refuse_fsdp1(model, self._all_params())
+        sharding.params_layout(self._all_params())  # a mix of sharded and plain params is refused now
         self._mode_state = self.mode.init(self._all_params())
 
     @torch.no_grad()
@@ -79,6 +81,10 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
                 "that zeroes the gradients, computes the loss, calls loss.backward() and returns the loss: "
                 "loss = optimizer.step(closure); or call first_step() and second_step() around your own backward passes"
             )
+        with self._over_shards():
+            return self._step(closure, grad_scaler)
+
+    def _step(self, closure: Callable[[], Tensor], grad_scaler: torch.amp.GradScaler | None):
         # AESAM decides from its state: a host read of a 0-dim bool (free on the CPU, a sync on a GPU).
         take = self.mode.takes_sam(self.steps_taken, self._mode_state)
         if take and self.mode.ascent == "momentum":
@@ -147,8 +153,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         params = [p for _, group_params in groups for p in group_params]
         grads = unscaled_grads(params, inverse_scale(grad_scaler))
         grad_norm = global_norm(grads)
-        self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm), clone_all(params),
-                     pre_step_buffers, grad_scaler)
+        self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm),
+                     clone_all(sharding.local_views(params)), pre_step_buffers, grad_scaler, held_norm=grad_norm)
 
     def _momentum_step(self, closure, grad_scaler, momenta: dict):
         """MSAM: one pass at w - e, e = rho * m / (||m|| + eps) (ASAM: rho * T^2 m / (||T m|| + eps)) over
@@ -156,8 +162,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         pass's BatchNorm updates are kept (there is no pass at w); a skipped step undoes them."""
         groups = [(group, [p for p in group["params"] if p in momenta]) for group in self.param_groups]
         groups = [(group, params) for group, params in groups if params]
-        perturbed, ascent, _ = group_perturbation(groups, [momenta[p] for _, params in groups for p in params],
-                                                  eta=self.eta, eps=self.eps, having="momentum")
+        vectors = sharding.local_views([momenta[p] for _, params in groups for p in params])
+        perturbed, ascent, _ = group_perturbation(groups, vectors, eta=self.eta, eps=self.eps, having="momentum")
         pre_step_buffers, unperturbed = buffers.snapshot(self.model), clone_all(perturbed)
         try:
             torch._foreach_sub_(perturbed, ascent)
@@ -174,8 +180,10 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         return loss
 
     def _finish(self, groups: list, gradients: StepGradients, finite: Tensor, unperturbed: list,
-                pre_step_buffers: list | None, grad_scaler) -> None:
-        """The mode's direction and observation, then the base step with it (held in p.grad, clipped)."""
+                pre_step_buffers: list | None, grad_scaler, *, held_norm: Tensor | None = None) -> None:
+        """The mode's direction and observation, then the base step with it (held in p.grad, clipped).
+        ``held_norm``: the global norm of the gradient p.grad holds, which clipping reuses when the
+        direction is that gradient (SAM's g_sam, the base step's g)."""
         params = [p for _, group_params in groups for p in group_params]
         indices = positions(self.param_groups, params) if self.mode.per_parameter else None
         own = mode_state.gather(self.mode, self._mode_state, indices)
@@ -184,11 +192,12 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         held = gradients.first if gradients.sam is None else gradients.sam  # the p.grad tensors
         if direction is not held:
             torch._foreach_copy_(held, direction)
-        applied = held if self.max_grad_norm is None else clip_by_global_norm(held, self.max_grad_norm)[0]
+            held_norm = None
+        applied = held if self.max_grad_norm is None else clip_by_global_norm(held, self.max_grad_norm, held_norm)[0]
         try:
             self._descend(groups, applied, finite, unperturbed)
         except BaseException:
-            torch._foreach_copy_(params, unperturbed)
+            torch._foreach_copy_(sharding.local_views(params), unperturbed)
             raise
         buffers.keep_if(finite, self.model, pre_step_buffers)
         record_found_inf(grad_scaler, self, finite)
@@ -233,6 +242,11 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
 
     def _all_params(self) -> list:
         return all_params(self.param_groups)
+
+    def _over_shards(self):
+        """The context in which a step's reductions are global over the mesh when the params are
+        sharded (FSDP2, :mod:`funcsam.sharding`); a no-op for plain params."""
+        return sharding.over_shards(sharding.params_layout(self._all_params()))
 
     def _momenta(self) -> dict:
         """The base optimizer's momentum by parameter, where it has one yet (MSAM's direction)."""

@@ -37,6 +37,7 @@ from .adapter import SAMOptimizer
 from .base import SGD, MomentumState, check_base, check_sgd_hyperparameters
 from .hyperparameters import check_scalar
 from .param_groups import check_group_fits_mode, has_new_gradient
+from .sharding import check_state_sharding, local_views, stored_into
 from .tree import Tensor, clone_all, select
 
 # Group keys that select an implementation rather than define the update: a state dict may lack them.
@@ -122,6 +123,7 @@ class SAM(SAMOptimizer):
         (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``; also
         restores ``steps_taken`` and the mode's own state (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
+        check_state_sharding(state_dict, self._all_params())
         mode_state = self._saved_mode_state(state_dict)
         needed = {key for key, value in self.base_optimizer.defaults.items()
                   if key not in _IMPLEMENTATION_KEYS and not isinstance(value, bool)}
@@ -159,7 +161,7 @@ class SAM(SAMOptimizer):
 
     def _descend(self, groups: list, grads: list, finite: Tensor, unperturbed: list) -> None:
         params = [p for _, group_params in groups for p in group_params]
-        held = [p.grad for p in params]
+        held = local_views([p.grad for p in params])
         if any(g is not h for g, h in zip(grads, held)):  # clipped: the base optimizer reads p.grad
             torch._foreach_copy_(held, grads)
         state = self._state_tensors(params, finite.device)
@@ -167,10 +169,11 @@ class SAM(SAMOptimizer):
             if bool(finite):  # a host read: free on the CPU, one sync on a GPU
                 self.base_optimizer.step()
             return
-        before = clone_all(state)
+        before = clone_all(local_views(state))
         self.base_optimizer.step()
-        after = self._state_tensors(params, finite.device)
-        torch._foreach_copy_(params, select(finite, params, unperturbed))
+        after = local_views(self._state_tensors(params, finite.device))
+        shards = local_views(params)
+        torch._foreach_copy_(shards, select(finite, shards, unperturbed))
         torch._foreach_copy_(after, select(finite, after, before))
 
     def _state_tensors(self, params: list, device: torch.device) -> list | None:
@@ -253,6 +256,7 @@ class SAMSGD(SAMOptimizer):
         buffer of the wrong shape is refused and nothing is changed. ``steps_taken`` and the mode's own
         state are restored too (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
+        check_state_sharding(state_dict, self._all_params())
         mode_state = self._saved_mode_state(state_dict)
         for index, group in enumerate(groups):
             self._check_group({**self.defaults, **group})
@@ -298,11 +302,12 @@ class SAMSGD(SAMOptimizer):
                 for p, state in zip(params, states)
             ]
         base = SGD(momentum, group["dampening"], group["weight_decay"], group["nesterov"])
-        stepped, new_state = base.update(params, grads, MomentumState(buffers, states[0]["step"]), group["lr"])
-        torch._foreach_copy_(params, select(finite, stepped, params))
+        shards, buffer_shards = local_views(params), local_views(buffers)  # the tensors themselves unless sharded
+        stepped, new_state = base.update(shards, grads, MomentumState(buffer_shards, states[0]["step"]), group["lr"])
+        torch._foreach_copy_(shards, select(finite, stepped, shards))
         if momentum != 0:
-            for state, buffer in zip(states, select(finite, new_state.momentum_buffer, buffers)):
-                state["momentum_buffer"] = buffer
+            for state, old, buffer in zip(states, buffers, select(finite, new_state.momentum_buffer, buffer_shards)):
+                state["momentum_buffer"] = stored_into(old, buffer)
         torch._foreach_add_([state["step"] for state in states], finite.to(torch.int64))
 
 

@@ -30,11 +30,12 @@ RUN_DEFINING_ARGS = (
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
     "sam_mode", "sam_every", "sam_start_epoch", "looksam_alpha", "gsam_alpha", "sam_on", "adaptive_delta",
+    "fsdp",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
                              base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
-                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9)
+                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False)
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -182,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one SAM step over K micro-batches of each (per-replica) batch "
                              "(funcsam.MicroBatches; the adapter's closure accumulates them): the whole batch's step (exactly so without BatchNorm; "
                              "BatchNorm normalises each micro-batch alone) in 1/K of the activation memory")
+    beyond.add_argument("--fsdp", action="store_true",
+                        help="with N processes and --api adapter: shard the model with FSDP2 (fully_shard) over "
+                             "them; SAM's norms stay global (docs: Sharded training: FSDP2)")
     return p
 
 
@@ -309,6 +313,7 @@ def requested_world_size() -> int:
 def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
     """UsageError for a data-parallel / m-sharpness / accumulation combination that cannot run,
     before any process group is joined (every rank refuses alike)."""
+    check_fsdp(args, world_size)
     if args.api != "functional" and args.m_sharpness > 1:
         raise UsageError(f"--m-sharpness {args.m_sharpness} needs --api functional (the adapter optimizer has one "
                          "gradient per pass and process; under torchrun, --sam-sync local is m-sharpness with "
@@ -331,6 +336,21 @@ def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
         if per_replica % parts:
             raise UsageError(f"{flag} {parts} does not divide the batch of {per_replica}{where}: "
                              f"choose a --batch-size that is a multiple of {world_size * parts}")
+
+
+def check_fsdp(args: argparse.Namespace, world_size: int) -> None:
+    """UsageError for an --fsdp run that cannot be one: it shards over torchrun's processes, through
+    the adapter API, with one backward pass per SAM pass and an eager forward."""
+    if not args.fsdp:
+        return
+    asked = [flag for flag, on in (("--api functional", args.api != "adapter"), ("--compile", args.compile),
+                                   (f"--accumulate {args.accumulate}", args.accumulate > 1),
+                                   ("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
+                                   ("one process", world_size == 1)) if on]
+    if asked:
+        raise UsageError(f"--fsdp cannot run with {', '.join(asked)}: it shards the model over the processes "
+                         "of `torchrun --nproc_per_node N` (N >= 2) and steps with --api adapter, eager, one pass "
+                         "at a time")
 
 
 def pick_device(choice: str) -> torch.device:

@@ -97,6 +97,10 @@ def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, 
     mode = make_mode(args, steps_per_epoch)
     if args.api == "functional":
         return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce, mode=mode)
+    if getattr(args, "fsdp", False):
+        from train.fsdp import ShardedAdapterStepper  # torch.distributed.fsdp only for --fsdp runs
+
+        return ShardedAdapterStepper(args, model, lr_at, mean, std, device, mode=mode, steps_per_epoch=steps_per_epoch)
     return AdapterStepper(args, model, lr_at, mean, std, device, mode=mode)
 
 
@@ -245,11 +249,16 @@ class AdapterStepper:
         self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
         # loss.backward() cannot live inside a fullgraph region: compile the forward only (DDP's
         # hooks and no_sync() stay outside it, in eager Python).
-        self.forward = data_parallel(torch.compile(model) if args.compile else model, device)
+        self.forward = self._replicated(torch.compile(model) if args.compile else model, device)
         self.optimizer = self._init_optimizer(args, model, mode, self.forward)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / args.lr)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         self.criterion = make_criterion(args)
+
+    @staticmethod
+    def _replicated(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """What the steps run forward: ``model`` in DDP under torchrun (:func:`data_parallel`)."""
+        return data_parallel(model, device)
 
     @staticmethod
     def _init_optimizer(args, model, mode: funcsam.Mode, forward) -> funcsam.SAMOptimizer:
@@ -315,14 +324,8 @@ class AdapterStepper:
     def load_state_dict(self, saved: dict, path) -> None:
         """Restore from a checkpoint's dict; CheckpointError (nothing changed) if it does not fit."""
         params, buffers = self.params_buffers()
-        check_tensors(saved["params"], params, "parameters", path)
-        check_tensors(saved["buffers"], buffers, "buffers", path)
+        self._check_saved(saved, params, buffers, path)
         optimizer = saved["optimizer"]
-        check_optimizer_state(optimizer.get(self._optimizer_key), list(params.values()), path)
-        if not isinstance(optimizer.get("lr_scheduler"), dict) or \
-                (self.scaler is not None and not isinstance(optimizer.get("grad_scaler"), dict)):
-            raise CheckpointError(f"{path}: its scheduler or loss-scaler state is missing. It was left untouched; "
-                                  "use another --out to start over.")
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(saved["params"][k])
@@ -332,6 +335,18 @@ class AdapterStepper:
         self.scheduler.load_state_dict(optimizer["lr_scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(optimizer["grad_scaler"])
+
+    def _check_saved(self, saved: dict, params: dict, buffers: dict, path) -> None:
+        """CheckpointError (nothing changed) unless ``saved`` fits these params and buffers (by name and
+        shape), this optimizer, and holds the scheduler's and loss scaler's state."""
+        check_tensors(saved["params"], params, "parameters", path)
+        check_tensors(saved["buffers"], buffers, "buffers", path)
+        optimizer = saved["optimizer"]
+        check_optimizer_state(optimizer.get(self._optimizer_key), list(params.values()), path)
+        if not isinstance(optimizer.get("lr_scheduler"), dict) or \
+                (self.scaler is not None and not isinstance(optimizer.get("grad_scaler"), dict)):
+            raise CheckpointError(f"{path}: its scheduler or loss-scaler state is missing. It was left untouched; "
+                                  "use another --out to start over.")
 
 
 def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
