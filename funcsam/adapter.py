@@ -11,7 +11,8 @@ with ``take = mode.takes_sam(steps_taken, own)`` (own: the mode's own state, :mo
     base step with d (clipped with max_grad_norm), skipped where a gradient was non-finite
 
 The modes whose ``two_halves`` is True (SAM, GSAM) also take ``first_step``/``second_step`` around
-the caller's own backward passes. fp16: :mod:`funcsam.grad_scaler`; BatchNorm: :mod:`funcsam.buffers`.
+the caller's own backward passes. fp16: :mod:`funcsam.grad_scaler`; BatchNorm: :mod:`funcsam.buffers`;
+DistributedDataParallel, ``sam_sync="global"|"local"``: :mod:`funcsam.ddp`.
 A subclass says how to descend (``_descend``) and where the momentum is (``_momentum``):
 :class:`funcsam.SAM` over any ``torch.optim`` optimizer, :class:`funcsam.SAMSGD` over ``funcsam.sgd``.
 """
@@ -22,8 +23,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from . import buffers, mode_state
+from . import buffers, mode_state, sharding
 from .clipping import clip_by_global_norm
+from .ddp import Replicas
 from .grad_scaler import inverse_scale, record_found_inf, unscaled_grads
 from .hyperparameters import check_sam_options, is_static_zero
 from .modes.protocol import StepGradients, check_mode
@@ -41,21 +43,26 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
     0-dim bool tensor (False: a gradient was non-finite and the step was skipped, params and state
     unchanged) and ``steps_taken`` counts the steps (skipped ones too: the index a schedule reads).
     ``state_dict()["funcsam"]`` holds ``steps_taken`` and the mode's own state, so a resumed run
-    takes the same steps bit for bit.
+    takes the same steps bit for bit. With a DDP ``model``, ``sam_sync`` says whether the replicas
+    perturb with the averaged gradient ("global") or each with its own ("local", :mod:`funcsam.ddp`).
     """
 
     def __init__(self, params: Iterable, defaults: dict, *, eta: float, eps: float, max_grad_norm: float | None,
-                 model: torch.nn.Module | None, mode: Any = None):
+                 model: torch.nn.Module | None, mode: Any = None, sam_sync: str = "global"):
         check_sam_options(eta=eta, eps=eps, max_grad_norm=max_grad_norm)
         if model is not None and not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module or None, got {type(model).__name__}")
+        self._replicas = Replicas(model, sam_sync)
         self.eta, self.eps, self.max_grad_norm, self.model = eta, eps, max_grad_norm, model
+        self.sam_sync = sam_sync
         self.mode = check_mode(mode)
         self.steps_taken = 0
         self.last_step_finite: Tensor | None = None
         self._perturbed: Perturbed | None = None
         self._gradients_seen: dict = {}
         super().__init__(params, defaults)
+        sharding.refuse_fsdp1(model, self._all_params())
+        sharding.params_layout(self._all_params())  # a mix of sharded and plain params is refused now
         self._mode_state = self.mode.init(self._all_params())
 
     @torch.no_grad()
@@ -74,6 +81,10 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
                 "that zeroes the gradients, computes the loss, calls loss.backward() and returns the loss: "
                 "loss = optimizer.step(closure); or call first_step() and second_step() around your own backward passes"
             )
+        with self._over_shards():
+            return self._step(closure, grad_scaler)
+
+    def _step(self, closure: Callable[[], Tensor], grad_scaler: torch.amp.GradScaler | None):
         # AESAM decides from its state: a host read of a 0-dim bool (free on the CPU, a sync on a GPU).
         take = self.mode.takes_sam(self.steps_taken, self._mode_state)
         if take and self.mode.ascent == "momentum":
@@ -82,14 +93,21 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
                 return self._momentum_step(closure, grad_scaler, momenta)
             take = False  # no momentum yet: m = 0 gives e = 0, the base step
         loss, pre_step_buffers = None, None
+        # Under sam_sync="local" a SAM step's first pass is each replica's own (DDP's no_sync()).
+        two_passes, ran_local = take and not all(is_static_zero(group["rho"]) for group in self.param_groups), False
         if self._needs_first_gradient():
             pre_step_buffers = buffers.snapshot(self.model)
-            loss = _evaluate(closure)
+            with self._replicas.first_pass(two_passes):
+                loss = _evaluate(closure)
+            ran_local = two_passes and self._replicas.local
         groups = with_gradients(self.param_groups, "the closure")
         if not take or all(is_static_zero(group["rho"]) for group, _ in groups):
+            if self._replicas.first_gradient_is_local(ran_local):  # one pass: DDP's average after all
+                params = [p for _, group_params in groups for p in group_params]
+                torch._foreach_copy_([p.grad for p in params], self._replicas.reduce([p.grad for p in params]))
             self._one_pass(groups, pre_step_buffers, grad_scaler)
             return loss
-        self._climb(groups, grad_scaler, pre_step_buffers, keep_grads=False)
+        self._climb(groups, grad_scaler, pre_step_buffers, keep_grads=False, ran_local=ran_local)
         # As davda54's first_step(zero_grad=True): a closure that does not zero the gradients itself
         # would otherwise add the gradient at w + e to the one at w.
         self.zero_grad(set_to_none=True)
@@ -103,13 +121,40 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
 
     # --- the passes -----------------------------------------------------------------------------
 
+    def _climb(self, groups: list, grad_scaler, pre_step_buffers: list | None, *, keep_grads: bool,
+               ran_local: bool = False) -> None:
+        """:class:`TwoHalves`'s climb, then what DDP needs (:mod:`funcsam.ddp`): the first gradient's
+        synchronisation checked against ``sam_sync``, and under "local" the hook that spreads a
+        non-finite ||g_r|| and the average of g where the mode reads it."""
+        super()._climb(groups, grad_scaler, pre_step_buffers, keep_grads=keep_grads)
+        try:
+            self._replicas.check_first_gradient(self._replicas.first_gradient_is_local(ran_local))
+            self._perturbed = self._replicas.after_climb(self._perturbed, self.mode.uses_first_gradient)
+        except BaseException:
+            self._come_back()
+            raise
+
+    def _come_back(self) -> None:
+        self._replicas.remove_hook()
+        super()._come_back()
+
+    def _second_half(self, grad_scaler) -> None:
+        self._replicas.remove_hook()
+        if self._perturbed is not None:
+            try:
+                self._replicas.check_sam_gradient()
+            except BaseException:
+                self._come_back()
+                raise
+        super()._second_half(grad_scaler)
+
     def _one_pass(self, groups: list, pre_step_buffers: list | None, grad_scaler) -> None:
         """The mode's one-pass step with the gradient in p.grad (the base step; LookSAM's estimate; MSAM's)."""
         params = [p for _, group_params in groups for p in group_params]
         grads = unscaled_grads(params, inverse_scale(grad_scaler))
         grad_norm = global_norm(grads)
-        self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm), clone_all(params),
-                     pre_step_buffers, grad_scaler)
+        self._finish(groups, StepGradients(grads, None, grad_norm), torch.isfinite(grad_norm),
+                     clone_all(sharding.local_views(params)), pre_step_buffers, grad_scaler, held_norm=grad_norm)
 
     def _momentum_step(self, closure, grad_scaler, momenta: dict):
         """MSAM: one pass at w - e, e = rho * m / (||m|| + eps) (ASAM: rho * T^2 m / (||T m|| + eps)) over
@@ -117,8 +162,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         pass's BatchNorm updates are kept (there is no pass at w); a skipped step undoes them."""
         groups = [(group, [p for p in group["params"] if p in momenta]) for group in self.param_groups]
         groups = [(group, params) for group, params in groups if params]
-        perturbed, ascent, _ = group_perturbation(groups, [momenta[p] for _, params in groups for p in params],
-                                                  eta=self.eta, eps=self.eps, having="momentum")
+        vectors = sharding.local_views([momenta[p] for _, params in groups for p in params])
+        perturbed, ascent, _ = group_perturbation(groups, vectors, eta=self.eta, eps=self.eps, having="momentum")
         pre_step_buffers, unperturbed = buffers.snapshot(self.model), clone_all(perturbed)
         try:
             torch._foreach_sub_(perturbed, ascent)
@@ -135,8 +180,10 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         return loss
 
     def _finish(self, groups: list, gradients: StepGradients, finite: Tensor, unperturbed: list,
-                pre_step_buffers: list | None, grad_scaler) -> None:
-        """The mode's direction and observation, then the base step with it (held in p.grad, clipped)."""
+                pre_step_buffers: list | None, grad_scaler, *, held_norm: Tensor | None = None) -> None:
+        """The mode's direction and observation, then the base step with it (held in p.grad, clipped).
+        ``held_norm``: the global norm of the gradient p.grad holds, which clipping reuses when the
+        direction is that gradient (SAM's g_sam, the base step's g)."""
         params = [p for _, group_params in groups for p in group_params]
         indices = positions(self.param_groups, params) if self.mode.per_parameter else None
         own = mode_state.gather(self.mode, self._mode_state, indices)
@@ -145,11 +192,12 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         held = gradients.first if gradients.sam is None else gradients.sam  # the p.grad tensors
         if direction is not held:
             torch._foreach_copy_(held, direction)
-        applied = held if self.max_grad_norm is None else clip_by_global_norm(held, self.max_grad_norm)[0]
+            held_norm = None
+        applied = held if self.max_grad_norm is None else clip_by_global_norm(held, self.max_grad_norm, held_norm)[0]
         try:
             self._descend(groups, applied, finite, unperturbed)
         except BaseException:
-            torch._foreach_copy_(params, unperturbed)
+            torch._foreach_copy_(sharding.local_views(params), unperturbed)
             raise
         buffers.keep_if(finite, self.model, pre_step_buffers)
         record_found_inf(grad_scaler, self, finite)
@@ -194,6 +242,11 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
 
     def _all_params(self) -> list:
         return all_params(self.param_groups)
+
+    def _over_shards(self):
+        """The context in which a step's reductions are global over the mesh when the params are
+        sharded (FSDP2, :mod:`funcsam.sharding`); a no-op for plain params."""
+        return sharding.over_shards(sharding.params_layout(self._all_params()))
 
     def _momenta(self) -> dict:
         """The base optimizer's momentum by parameter, where it has one yet (MSAM's direction)."""

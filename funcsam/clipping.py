@@ -15,8 +15,10 @@ import torch
 from .tree import Tensor, global_norm
 
 
-def clip_by_global_norm(grads: Sequence[Tensor], max_norm: float) -> tuple[list[Tensor], Tensor]:
-    """``(clipped_grads, norm_before_clipping)``, with torch.nn.utils.clip_grad_norm_'s coefficient."""
-    norm = global_norm(grads)
+def clip_by_global_norm(grads: Sequence[Tensor], max_norm: float,
+                        norm: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
+    """``(clipped_grads, norm_before_clipping)``, with torch.nn.utils.clip_grad_norm_'s coefficient.
+    ``norm``: ``global_norm(grads)`` where the caller has it already (under sharding, one all-reduce less)."""
+    norm = global_norm(grads) if norm is None else norm
     coefficient = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     return torch._foreach_mul(list(grads), coefficient), norm

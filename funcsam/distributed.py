@@ -32,6 +32,7 @@ from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn as nn
 
 from .batching import shard_batch
@@ -54,6 +55,7 @@ def all_reduce_mean(group: dist.ProcessGroup | None = None, *, bucket_cap_mb: fl
     ``bucket_cap_mb`` MiB each, if given) and each buffer is summed with one ``dist.all_reduce``,
     then divided by the group size: SUM-then-divide works on every backend (gloo has no AVG).
     Pure: the gradients passed in are not modified; the returned ones are views of the buffers.
+    Under ``torch.compile`` the all-reduces are functional collectives, traced into the graph.
 
     Args:
         group: the process group to average over (default: the whole world).
@@ -70,14 +72,24 @@ def all_reduce_mean(group: dist.ProcessGroup | None = None, *, bucket_cap_mb: fl
         reduced: list[Tensor | None] = [None] * len(grads)
         for bucket in _buckets(grads, cap_bytes):
             flat = torch.cat([grads[i].reshape(-1) for i in bucket])  # a fresh buffer: inputs stay as they were
-            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-            flat.div_(world_size)
+            flat = _all_reduce_mean_of_buffer(flat, group, world_size)
             pieces = flat.split([grads[i].numel() for i in bucket])
             for i, piece in zip(bucket, pieces):
                 reduced[i] = piece.view(grads[i].shape)
         return reduced
 
     return reduce
+
+
+def _all_reduce_mean_of_buffer(flat: Tensor, group: dist.ProcessGroup | None, world_size: int) -> Tensor:
+    """sum_r flat_r / world_size over ``group``'s ranks. Under torch.compile a functional collective
+    (``torch.distributed._functional_collectives.all_reduce``): traced into the graph as an op with
+    an explicit wait, which the compiler may overlap with the computation around it. Eager: the
+    in-place ``dist.all_reduce`` and division on ``flat`` (a fresh buffer), with no extra copy."""
+    if torch.compiler.is_compiling():
+        return funcol.all_reduce(flat, "sum", dist.group.WORLD if group is None else group) / world_size
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return flat.div_(world_size)
 
 
 def _buckets(grads: Sequence[Tensor], cap_bytes: int | None) -> list[list[int]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch.amp.grad_scaler import OptState
 
+from .sharding import local_views
 from .tree import Tensor
 
 __all__ = ["inverse_scale", "record_found_inf", "unscaled_grads"]
@@ -37,9 +38,10 @@ def inverse_scale(grad_scaler: torch.amp.GradScaler | None) -> Tensor | None:
 
 
 def unscaled_grads(params: list, inverse: Tensor | None) -> list:
-    """``[p.grad for p in params]``, multiplied in place by ``inverse`` when given: p.grad then holds
-    the true gradient, as after ``GradScaler.unscale_``."""
-    grads = [p.grad for p in params]
+    """``[p.grad for p in params]`` (their local parts when sharded, :mod:`funcsam.sharding`),
+    multiplied in place by ``inverse`` when given: p.grad then holds the true gradient, as after
+    ``GradScaler.unscale_``."""
+    grads = local_views([p.grad for p in params])
     if inverse is not None:
         torch._foreach_mul_(grads, inverse)
     return grads

@@ -24,26 +24,30 @@ from typing import Any
 import torch
 
 from .modes.protocol import Mode
+from .sharding import check_sharded_alike, local_views, stored_into
 
 __all__ = ["checked_funcsam_entry", "extended", "funcsam_entry", "gather", "restored", "saved", "scatter"]
 
 
 def gather(mode: Mode, own: Any, indices: list[int] | None) -> Any:
-    """``own`` with its per-parameter fields cut to the entries ``indices`` (None: all of them)."""
+    """``own`` with its per-parameter fields cut to the entries ``indices`` (None: all of them); of a
+    sharded (DTensor) entry, its local part, which the hooks' foreach math runs on."""
     if own is None or indices is None or not mode.per_parameter:
         return own
-    return own._replace(**{field: [getattr(own, field)[i] for i in indices] for field in mode.per_parameter})
+    return own._replace(**{field: local_views([getattr(own, field)[i] for i in indices])
+                           for field in mode.per_parameter})
 
 
 def scatter(mode: Mode, own: Any, indices: list[int] | None, part: Any) -> Any:
-    """``part`` (a :func:`gather` of ``own``, updated) with its per-parameter entries written back over ``own``'s."""
+    """``part`` (a :func:`gather` of ``own``, updated) with its per-parameter entries written back over
+    ``own``'s (into a sharded entry's local part: it stays a DTensor)."""
     if part is None or indices is None or not mode.per_parameter:
         return part
     fields = {}
     for field in mode.per_parameter:
         whole = list(getattr(own, field))
         for index, value in zip(indices, getattr(part, field)):
-            whole[index] = value
+            whole[index] = stored_into(whole[index], value)
         fields[field] = whole
     return part._replace(**fields)
 
@@ -123,6 +127,7 @@ def _restored_per_parameter(value: Any, fresh: list, params: list, name: str) ->
         if not fits or tensor.shape != params[index].shape:
             raise ValueError(f"{name} entry {index!r} does not fit a parameter of this optimizer: the state "
                              "belongs to another model")
+        check_sharded_alike(tensor, params[index], f"{name}[{index}]")
         restored[index] = tensor.to(device=params[index].device, dtype=params[index].dtype, copy=True)
     return restored
 

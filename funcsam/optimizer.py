@@ -37,6 +37,7 @@ from .adapter import SAMOptimizer
 from .base import SGD, MomentumState, check_base, check_sgd_hyperparameters
 from .hyperparameters import check_scalar
 from .param_groups import check_group_fits_mode, has_new_gradient
+from .sharding import check_state_sharding, local_views, stored_into
 from .tree import Tensor, clone_all, select
 
 # Group keys that select an implementation rather than define the update: a state dict may lack them.
@@ -66,6 +67,12 @@ class SAM(SAMOptimizer):
             ``funcsam.AESAM(total_steps, delta)`` (:mod:`funcsam.modes`). MSAM perturbs along
             ``state["momentum_buffer"]`` (torch.optim.SGD with momentum > 0) or ``state["exp_avg"]``
             (Adam, AdamW); a base optimizer with neither is refused.
+        sam_sync: with ``model=ddp_model`` (``torch.nn.parallel.DistributedDataParallel``): "global"
+            (default; DDP averages both passes: one process on the global batch) or "local" (the
+            first pass under ``ddp_model.no_sync()``: each replica perturbs with its own gradient,
+            the paper's m-sharpness with m = the per-replica batch; :mod:`funcsam.ddp`). In the
+            first/second-step style run the first backward inside ``with ddp_model.no_sync():``
+            yourself; a backward whose synchronisation contradicts ``sam_sync`` is refused.
         **base_kwargs: the base optimizer's own arguments (``lr``, ``weight_decay``, ``betas``, ...).
 
     ``param_groups`` and ``state`` are the base optimizer's (``.base_optimizer``), so a
@@ -85,13 +92,14 @@ class SAM(SAMOptimizer):
 
     def __init__(self, params: Iterable, base_optimizer: type, rho: float = 0.05, *, adaptive: bool = False,
                  eta: float = 0.0, eps: float = 1e-12, max_grad_norm: float | None = None,
-                 model: torch.nn.Module | None = None, mode: Any = None, **base_kwargs):
+                 model: torch.nn.Module | None = None, mode: Any = None, sam_sync: str = "global", **base_kwargs):
         _check_base_optimizer_class(base_optimizer)
         for name in ("lr", "weight_decay"):
             if name in base_kwargs and not isinstance(base_kwargs[name], torch.Tensor):
                 check_scalar(name, base_kwargs[name])
         defaults = dict(rho=rho, adaptive=adaptive, **base_kwargs)
-        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode,
+                         sam_sync=sam_sync)
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
@@ -115,6 +123,7 @@ class SAM(SAMOptimizer):
         (its groups lack this base optimizer's hyperparameters) or with a bad ``lr``/``rho``; also
         restores ``steps_taken`` and the mode's own state (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
+        check_state_sharding(state_dict, self._all_params())
         mode_state = self._saved_mode_state(state_dict)
         needed = {key for key, value in self.base_optimizer.defaults.items()
                   if key not in _IMPLEMENTATION_KEYS and not isinstance(value, bool)}
@@ -152,7 +161,7 @@ class SAM(SAMOptimizer):
 
     def _descend(self, groups: list, grads: list, finite: Tensor, unperturbed: list) -> None:
         params = [p for _, group_params in groups for p in group_params]
-        held = [p.grad for p in params]
+        held = local_views([p.grad for p in params])
         if any(g is not h for g, h in zip(grads, held)):  # clipped: the base optimizer reads p.grad
             torch._foreach_copy_(held, grads)
         state = self._state_tensors(params, finite.device)
@@ -160,10 +169,11 @@ class SAM(SAMOptimizer):
             if bool(finite):  # a host read: free on the CPU, one sync on a GPU
                 self.base_optimizer.step()
             return
-        before = clone_all(state)
+        before = clone_all(local_views(state))
         self.base_optimizer.step()
-        after = self._state_tensors(params, finite.device)
-        torch._foreach_copy_(params, select(finite, params, unperturbed))
+        after = local_views(self._state_tensors(params, finite.device))
+        shards = local_views(params)
+        torch._foreach_copy_(shards, select(finite, shards, unperturbed))
         torch._foreach_copy_(after, select(finite, after, before))
 
     def _state_tensors(self, params: list, device: torch.device) -> list | None:
@@ -200,6 +210,9 @@ class SAMSGD(SAMOptimizer):
         mode: None (SAM on every step), ``funcsam.every(k)``, ``funcsam.late(start_step)``,
             ``funcsam.LookSAM(k, alpha)``, ``funcsam.MSAM()`` (needs ``momentum > 0``; perturbs along
             the momentum buffer), ``funcsam.GSAM(alpha)`` or ``funcsam.AESAM(total_steps, delta)``.
+        sam_sync: with ``model=ddp_model`` (DistributedDataParallel): "global" (default, one process
+            on the global batch) or "local" (each replica perturbs with its own gradient), as in
+            :class:`funcsam.SAM`.
 
     After ``step``, ``p.grad`` holds the (unscaled) SAM gradient and ``last_step_finite`` is a
     0-dim bool tensor: False when a gradient was non-finite and the step was skipped. The update is
@@ -223,11 +236,13 @@ class SAMSGD(SAMOptimizer):
         max_grad_norm: float | None = None,
         model: torch.nn.Module | None = None,
         mode: Any = None,
+        sam_sync: str = "global",
     ):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, rho=rho, adaptive=adaptive)
         self._check_group(defaults)
-        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode)
+        super().__init__(params, defaults, eta=eta, eps=eps, max_grad_norm=max_grad_norm, model=model, mode=mode,
+                         sam_sync=sam_sync)
 
     def _check_group(self, group: dict) -> None:
         super()._check_group(group)
@@ -241,6 +256,7 @@ class SAMSGD(SAMOptimizer):
         buffer of the wrong shape is refused and nothing is changed. ``steps_taken`` and the mode's own
         state are restored too (see :meth:`state_dict`)."""
         groups = _checked_groups(state_dict, self.param_groups)
+        check_state_sharding(state_dict, self._all_params())
         mode_state = self._saved_mode_state(state_dict)
         for index, group in enumerate(groups):
             self._check_group({**self.defaults, **group})
@@ -286,11 +302,12 @@ class SAMSGD(SAMOptimizer):
                 for p, state in zip(params, states)
             ]
         base = SGD(momentum, group["dampening"], group["weight_decay"], group["nesterov"])
-        stepped, new_state = base.update(params, grads, MomentumState(buffers, states[0]["step"]), group["lr"])
-        torch._foreach_copy_(params, select(finite, stepped, params))
+        shards, buffer_shards = local_views(params), local_views(buffers)  # the tensors themselves unless sharded
+        stepped, new_state = base.update(shards, grads, MomentumState(buffer_shards, states[0]["step"]), group["lr"])
+        torch._foreach_copy_(shards, select(finite, stepped, shards))
         if momentum != 0:
-            for state, buffer in zip(states, select(finite, new_state.momentum_buffer, buffers)):
-                state["momentum_buffer"] = buffer
+            for state, old, buffer in zip(states, buffers, select(finite, new_state.momentum_buffer, buffer_shards)):
+                state["momentum_buffer"] = stored_into(old, buffer)
         torch._foreach_add_([state["step"] for state in states], finite.to(torch.int64))
 
 

@@ -2,7 +2,9 @@
 
 Every reduction over the parameter tree that funcsam takes (||g||, ASAM's ||T g||, g . g_sam,
 the clipping norm, the finite verdict) goes through :func:`global_norm` and :func:`dot`, the one
-place a sharded version has to change.
+place the sharded version changes: with DTensor leaves, or the local parts of sharded tensors inside
+:func:`funcsam.sharding.over_shards`, each sums its local part and all-reduces that one scalar
+(:mod:`funcsam.sharding`).
 
 optree orders dict leaves by sorted key, so the treespec returned by :func:`flatten` is the one source
 of truth for leaf order; never zip leaves with ``module.parameters()``.
@@ -14,6 +16,8 @@ from typing import Any, Sequence
 
 import optree
 import torch
+
+from . import sharding
 
 Tensor = torch.Tensor
 PyTree = Any
@@ -58,19 +62,39 @@ def same_structure(spec: optree.PyTreeSpec, other: optree.PyTreeSpec) -> bool:
 def global_norm(leaves: Sequence[Tensor]) -> Tensor:
     """L2 norm over every element of every leaf: sqrt(sum_i ||x_i||^2), a 0-dim tensor.
 
-    Computed in fp32 (fp64 if any leaf is fp64), whatever the leaves' own precision.
+    Computed in fp32 (fp64 if any leaf is fp64), whatever the leaves' own precision. Sharded leaves
+    (:mod:`funcsam.sharding`): sqrt of the sum of the local squares, all-reduced once over the shards.
     """
     leaves = list(leaves)
     dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in leaves) else torch.float32
+    if sharding.uses_shards(leaves):
+        norms = torch._foreach_norm(sharding.local_views(leaves))
+        return sharding.reduced_sum(leaves, [n.to(dtype).square() for n in norms]).sqrt()
     norms = torch._foreach_norm(leaves)
     return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
 def dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     """sum_i <a_i, b_i> over aligned leaf lists: a 0-dim tensor, accumulated in fp32 (fp64 if any leaf
-    of ``a`` is fp64), as :func:`global_norm`."""
+    of ``a`` is fp64), as :func:`global_norm`; over sharded leaves, the local sums all-reduced once."""
     dtype = torch.float64 if any(leaf.dtype == torch.float64 for leaf in a) else torch.float32
+    if sharding.uses_shards(a):
+        local_a, local_b = sharding.local_views(a), sharding.local_views(b)
+        return sharding.reduced_sum(a, [torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(local_a, local_b)])
     return torch.stack([torch.sum(x.to(dtype) * y.to(dtype)) for x, y in zip(a, b)]).sum()
+
+
+def dots(pairs: Sequence[tuple[Sequence[Tensor], Sequence[Tensor]]]) -> list[Tensor]:
+    """``[dot(a, b) for a, b in pairs]``, every list aligned with the first; over sharded leaves the
+    local sums travel in one all-reduce together (plain leaves: :func:`dot` each, bit for bit)."""
+    pairs = [(list(a), list(b)) for a, b in pairs]
+    if not sharding.uses_shards(pairs[0][0]):
+        return [dot(a, b) for a, b in pairs]
+    dtype = torch.float64 if any(leaf.dtype == torch.float64 for a, _ in pairs for leaf in a) else torch.float32
+    local = [(sharding.local_views(a), sharding.local_views(b)) for a, b in pairs]
+    partial = [torch.stack([torch.sum(a[i].to(dtype) * b[i].to(dtype)) for a, b in local])
+               for i in range(len(pairs[0][0]))]
+    return list(sharding.reduced_sum(pairs[0][0], partial).unbind())
 
 
 def mean_of(lists: Sequence[Sequence[Tensor]]) -> list[Tensor]:

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import buffers
+from . import buffers, sharding
 from .grad_scaler import inverse_scale, unscaled_grads
 from .modes.protocol import StepGradients
 from .param_groups import described, with_gradients
@@ -60,8 +60,9 @@ class TwoHalves:
         Only modes that take two passes on every step (``mode.two_halves``: SAM, GSAM) fit this style.
         """
         self._check_two_halves("first_step")
-        self._climb(with_gradients(self.param_groups, "the first backward pass"), grad_scaler, None,
-                    keep_grads=not zero_grad)
+        with self._over_shards():
+            self._climb(with_gradients(self.param_groups, "the first backward pass"), grad_scaler, None,
+                        keep_grads=not zero_grad)
         if zero_grad:
             self.zero_grad(set_to_none=True)
 
@@ -74,7 +75,8 @@ class TwoHalves:
         Whatever happens, the parameters are back at w when this returns or raises.
         """
         self._check_two_halves("second_step")
-        self._second_half(grad_scaler)
+        with self._over_shards():
+            self._second_half(grad_scaler)
         if zero_grad:
             self.zero_grad()
 
@@ -109,10 +111,11 @@ class TwoHalves:
                                f"({described(missing, self.param_groups, self.model)}): the second backward "
                                "pass must compute the same loss as the first")
         sam_grads = unscaled_grads(perturbed.params, inverse_scale(grad_scaler))
-        finite = torch.isfinite(perturbed.grad_norm) & torch.isfinite(global_norm(sam_grads))
+        sam_norm = global_norm(sam_grads)
+        finite = torch.isfinite(perturbed.grad_norm) & torch.isfinite(sam_norm)
         gradients = StepGradients(perturbed.first_grads, sam_grads, perturbed.first_norm)
         self._finish(perturbed.groups, gradients, finite, perturbed.unperturbed, perturbed.pre_step_buffers,
-                     grad_scaler)
+                     grad_scaler, held_norm=sam_norm)
 
     def _check_two_halves(self, method: str) -> None:
         if not self.mode.two_halves:
@@ -129,7 +132,8 @@ def climb(groups: list, grads: list, first_grads: list | None, *, eta: float, ep
     params = [p for _, group_params in groups for p in group_params]
     targets, ascent, norm = group_perturbation(groups, grads, eta=eta, eps=eps, having="a gradient")
     plain = len(targets) == len(params) and not any(group["adaptive"] for group, _ in groups)
-    perturbed = Perturbed(groups, params, clone_all(params), norm, first_grads, norm if plain else None,
+    perturbed = Perturbed(groups, params, clone_all(sharding.local_views(params)), norm, first_grads,
+                          norm if plain else None,
                           buffers.snapshot(model), pre_step_buffers)
     torch._foreach_add_(targets, ascent)
     return perturbed
@@ -137,7 +141,7 @@ def climb(groups: list, grads: list, first_grads: list | None, *, eta: float, ep
 
 def come_back(perturbed: Perturbed, model: torch.nn.Module | None, saved_buffers: list | None) -> None:
     """Params back at w exactly, and ``model``'s buffers back to ``saved_buffers`` (a snapshot or None)."""
-    torch._foreach_copy_(perturbed.params, perturbed.unperturbed)
+    torch._foreach_copy_(sharding.local_views(perturbed.params), perturbed.unperturbed)
     buffers.restore(model, saved_buffers)
 
 
@@ -150,10 +154,10 @@ def group_perturbation(groups: list, vectors: list, *, eta: float, eps: float,
     for group, params in groups:
         end = start + len(params)
         if perturbs(group):
-            direction, group_normed = ascent_direction(vectors[start:end], params, adaptive=group["adaptive"],
-                                                       eta=eta)
+            shards = sharding.local_views(params)  # the params themselves when they are not sharded
+            direction, group_normed = ascent_direction(vectors[start:end], shards, adaptive=group["adaptive"], eta=eta)
             perturbing.append((group, direction))
-            targets += params
+            targets += shards
             normed += group_normed
         start = end
     if not perturbing:

@@ -99,11 +99,10 @@ def test_a_compiler_failure_is_reported_without_a_traceback(tmp_path, capsys, mo
     (1, ["--m-sharpness", "2", "--accumulate", "2"], ["--m-sharpness 2", "--accumulate 2"]),
     (1, ["--sync-bn", "--m-sharpness", "2"], ["--sync-bn", "--m-sharpness 2"]),
     (1, ["--api", "adapter", "--m-sharpness", "2"], ["--m-sharpness 2", "--api functional"]),
-    (1, ["--api", "adapter", "--sync-bn"], ["--sync-bn", "--api functional"]),
     (3, [], ["--batch-size 64", "3 processes"]),
     (2, ["--accumulate", "64"], ["--accumulate 64", "32 per process"]),
     (2, ["--m-sharpness", "2"], ["--m-sharpness 2", "--sam-sync local"]),
-    (2, ["--api", "adapter"], ["2 processes", "--api functional"]),
+    (2, ["--api", "adapter", "--m-sharpness", "2", "--sam-sync", "local"], ["--m-sharpness 2", "--api functional"]),
 ])
 def test_impossible_beyond_one_batch_combinations_exit_2_naming_the_flag(tmp_path, capsys, monkeypatch,
                                                                           world, argv, names):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from train.models import MODELS
+from train.models import MODELS, TIMM_PREFIX, parse_timm_model
 from train.sam_modes import SAM_MODES
 
 # Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
@@ -30,11 +30,12 @@ RUN_DEFINING_ARGS = (
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
     "sam_mode", "sam_every", "sam_start_epoch", "looksam_alpha", "gsam_alpha", "sam_on", "adaptive_delta",
+    "fsdp",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
                              base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
-                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9)
+                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False)
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -71,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     main_models = [m for m in MODELS if m != "tiny"]
-    p.add_argument("--model", default="resnet20", choices=list(MODELS), metavar="|".join(main_models),
-                   help="network; 'tiny' (1.6K parameters) exists for fast tests only")
+    p.add_argument("--model", default="resnet20", type=model_name, metavar="|".join(main_models) + "|timm:NAME",
+                   help="network; 'tiny' (1.6K parameters) exists for fast tests only; timm:NAME[,key=value,...] "
+                        "builds a timm model (pretrained=False), e.g. timm:vit_tiny_patch16_224,img_size=32,patch_size=4")
     p.add_argument("--optim", default="sam", choices=["sam", "sgd"],
                    help="sgd = SAM with rho 0: the base optimizer alone, one pass")
     p.add_argument("--base", default="sgd", choices=["sgd", "adamw"],
@@ -167,14 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         "beyond one batch",
         "Under `torchrun --nproc_per_node N -m train.cifar10 ...` the run is data-parallel on N processes "
         "(NCCL on GPUs, gloo on CPUs): --batch-size stays the global batch, each rank trains on its "
-        "contiguous 1/N of it, and only rank 0 prints and writes files.",
+        "contiguous 1/N of it, and only rank 0 prints and writes files. --api adapter wraps the model in "
+        "DistributedDataParallel.",
     )
     beyond.add_argument("--sam-sync", default="global", choices=["global", "local"],
                         help="with N processes: global = perturb with the averaged gradient (one process "
-                             "on the global batch); local = each replica perturbs with its own gradient")
+                             "on the global batch); local = each replica perturbs with its own gradient "
+                             "(--api adapter: the first pass under DDP's no_sync())")
     beyond.add_argument("--sync-bn", action="store_true",
                         help="normalise with the BatchNorm statistics of the global batch, across processes "
-                             "(funcsam.distributed.convert_sync_batchnorm); without it each replica keeps its own")
+                             "(funcsam.distributed.convert_sync_batchnorm; --api adapter on CUDA: "
+                             "torch.nn.SyncBatchNorm); without it each replica keeps its own")
     beyond.add_argument("--m-sharpness", type=int, default=1, metavar="K",
                         help="m-sharpness: each (per-replica) batch in K parts, each perturbing with its own "
                              "gradient (funcsam.MSharpness); with N processes needs --sam-sync local; --api functional")
@@ -182,7 +187,23 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one SAM step over K micro-batches of each (per-replica) batch "
                              "(funcsam.MicroBatches; the adapter's closure accumulates them): the whole batch's step (exactly so without BatchNorm; "
                              "BatchNorm normalises each micro-batch alone) in 1/K of the activation memory")
+    beyond.add_argument("--fsdp", action="store_true",
+                        help="with N processes and --api adapter: shard the model with FSDP2 (fully_shard) over "
+                             "them; SAM's norms stay global (docs: Sharded training: FSDP2)")
     return p
+
+
+def model_name(value: str) -> str:
+    """``--model``'s type: a name of ``MODELS`` or a timm model that timm knows (argparse's error otherwise)."""
+    if value.startswith(TIMM_PREFIX):
+        try:
+            parse_timm_model(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+    if value not in MODELS:
+        raise argparse.ArgumentTypeError(f"invalid choice: {value!r} (choose from {', '.join(MODELS)} or timm:NAME)")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -298,13 +319,11 @@ def requested_world_size() -> int:
 def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
     """UsageError for a data-parallel / m-sharpness / accumulation combination that cannot run,
     before any process group is joined (every rank refuses alike)."""
-    if args.api != "functional":
-        asked = [flag for flag, on in (("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
-                                       (f"--m-sharpness {args.m_sharpness}", args.m_sharpness > 1),
-                                       (f"{world_size} processes (torchrun)", world_size > 1)) if on]
-        if asked:
-            raise UsageError(f"{', '.join(asked)} need(s) --api functional (the adapter optimizer steps one "
-                             "process, with one gradient per pass)")
+    check_fsdp(args, world_size)
+    if args.api != "functional" and args.m_sharpness > 1:
+        raise UsageError(f"--m-sharpness {args.m_sharpness} needs --api functional (the adapter optimizer has one "
+                         "gradient per pass and process; under torchrun, --sam-sync local is m-sharpness with "
+                         "m = the per-process batch)")
     if args.m_sharpness > 1 and args.accumulate > 1:
         raise UsageError(f"--m-sharpness {args.m_sharpness} and --accumulate {args.accumulate} cannot be combined: "
                          "keep one of them at 1")
@@ -323,6 +342,21 @@ def check_beyond_one_batch(args: argparse.Namespace, world_size: int) -> None:
         if per_replica % parts:
             raise UsageError(f"{flag} {parts} does not divide the batch of {per_replica}{where}: "
                              f"choose a --batch-size that is a multiple of {world_size * parts}")
+
+
+def check_fsdp(args: argparse.Namespace, world_size: int) -> None:
+    """UsageError for an --fsdp run that cannot be one: it shards over torchrun's processes, through
+    the adapter API, with one backward pass per SAM pass and an eager forward."""
+    if not args.fsdp:
+        return
+    asked = [flag for flag, on in (("--api functional", args.api != "adapter"), ("--compile", args.compile),
+                                   (f"--accumulate {args.accumulate}", args.accumulate > 1),
+                                   ("--sam-sync local", args.sam_sync == "local"), ("--sync-bn", args.sync_bn),
+                                   ("one process", world_size == 1)) if on]
+    if asked:
+        raise UsageError(f"--fsdp cannot run with {', '.join(asked)}: it shards the model over the processes "
+                         "of `torchrun --nproc_per_node N` (N >= 2) and steps with --api adapter, eager, one pass "
+                         "at a time")
 
 
 def pick_device(choice: str) -> torch.device:

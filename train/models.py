@@ -12,11 +12,16 @@ Every builder takes ``num_classes`` and returns an ``nn.Module`` mapping float i
                                of kuangliu/pytorch-cifar, whose count matches the 4.8M published
                                with sam.pytorch; the paper's own CIFAR models are 8x64d/16x64d)
     tiny               1.6K    two conv+BN stages; only for fast tests, not a CIFAR baseline
+
+and any timm model, named ``timm:NAME[,key=value,...]`` (``timm.create_model(NAME, pretrained=False,
+num_classes=..., key=value, ...)``; values are Python literals), e.g. a ViT for 32x32 images:
+``timm:vit_tiny_patch16_224,img_size=32,patch_size=4``.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+import ast
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -246,11 +251,45 @@ PUBLISHED_PARAMS = {
 }
 
 
+TIMM_PREFIX = "timm:"
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """The named network, freshly initialised from the global torch RNG."""
+    """The named network (one of ``MODELS`` or ``timm:NAME[,key=value,...]``), freshly initialised
+    from the global torch RNG."""
+    if name.startswith(TIMM_PREFIX):
+        import timm
+
+        timm_name, options = parse_timm_model(name)
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes, **options)
     if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)} or timm:NAME")
     return MODELS[name](num_classes)
+
+
+def parse_timm_model(name: str) -> tuple[str, dict[str, Any]]:
+    """``("vit_tiny_patch16_224", {"img_size": 32})`` from ``"timm:vit_tiny_patch16_224,img_size=32"``:
+    the timm name and its keyword arguments (Python literals; anything else stays a string).
+    A ValueError names what is malformed or unknown (timm imported here only)."""
+    timm_name, *pairs = name[len(TIMM_PREFIX):].split(",")
+    options = {}
+    for pair in pairs:
+        key, equals, value = pair.partition("=")
+        if not equals or not key.isidentifier():
+            raise ValueError(f"{name!r}: options after the timm model's name are key=value pairs separated by "
+                             f"commas, got {pair!r} (e.g. timm:vit_tiny_patch16_224,img_size=32,patch_size=4)")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    try:
+        import timm
+    except ImportError as err:
+        raise ValueError(f"{name!r} needs timm: pip install timm (or funcsam[timm])") from err
+    if not timm.is_model(timm_name):
+        raise ValueError(f"timm has no model {timm_name!r} (timm {timm.__version__}); list them with "
+                         "timm.list_models('*vit*')")
+    return timm_name, options
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -12,7 +12,7 @@ Both step with the mode object that ``--sam-mode`` names in ``train.sam_modes``'
 and rho travel as 0-dim tensors so the schedule never recompiles. ``AdapterStepper`` runs the same
 recipe through the closure-style ``funcsam.SAMSGD`` (``--base sgd``) or ``funcsam.SAM`` over
 ``torch.optim.AdamW`` (``--base adamw``) with a ``LambdaLR`` schedule (and a ``GradScaler`` under
-fp16), the mode as its ``mode=``.
+fp16), the mode as its ``mode=``; under torchrun over ``DistributedDataParallel`` (``--sam-sync``).
 Loss and accuracy are summed into ``TrainTotals`` on the device, so no step waits for the host.
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 from typing import Callable, NamedTuple
 
 import optree
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import funcsam
+from funcsam.ddp import is_ddp
 from train.checkpoint import CheckpointError, check_tensors
 from train.data import augment, normalize
 from train.sam_modes import make_mode
@@ -95,6 +97,10 @@ def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, 
     mode = make_mode(args, steps_per_epoch)
     if args.api == "functional":
         return FunctionalStepper(args, model, lr_at, mean, std, device, grad_reduce, mode=mode)
+    if getattr(args, "fsdp", False):
+        from train.fsdp import ShardedAdapterStepper  # torch.distributed.fsdp only for --fsdp runs
+
+        return ShardedAdapterStepper(args, model, lr_at, mean, std, device, mode=mode, steps_per_epoch=steps_per_epoch)
     return AdapterStepper(args, model, lr_at, mean, std, device, mode=mode)
 
 
@@ -248,23 +254,38 @@ def list_to_tree(template, leaves, what: str, path):
 
 
 class AdapterStepper:
-    """The same recipe through ``funcsam.SAMSGD``; mutates the model and the optimizer."""
+    """The same recipe through ``funcsam.SAMSGD``; mutates the model and the optimizer.
+
+    Under torchrun the model is wrapped in ``DistributedDataParallel`` (its own BatchNorm statistics
+    per replica, as in the functional API), which averages the gradient of every synchronised
+    backward pass; ``--sam-sync local`` has the optimizer take the first pass under ``no_sync()``.
+    ``self.model`` stays the unwrapped module: its parameter names are the checkpoint's.
+    """
 
     def __init__(self, args, model, lr_at, mean, std, device, *, mode: funcsam.Mode):
+        model = sync_batchnorm_for_ddp(model, args, device)
         self.model, self.args, self.mean, self.std, self.device = model, args, mean, std, device
-        self.optimizer = self._init_optimizer(args, model, mode)
+        # loss.backward() cannot live inside a fullgraph region: compile the forward only (DDP's
+        # hooks and no_sync() stay outside it, in eager Python). Under CUDA graphs the logits a step
+        # logs are copies (torch.cat), as the second pass overwrites the first's.
+        self.forward = self._replicated(compile_training(model, args) if args.compile else model, device)
+        self.optimizer = self._init_optimizer(args, model, mode, self.forward)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_at(s) / args.lr)
         self.scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
         self.criterion = make_criterion(args)
-        # loss.backward() cannot live inside a fullgraph region: compile the forward only. Under CUDA
-        # graphs the logits a step logs are copies (torch.cat), as the second pass overwrites the first's.
-        self.forward = compile_training(model, args) if args.compile else model
         self.cuda_graphs = uses_cuda_graphs(args, device)
 
     @staticmethod
-    def _init_optimizer(args, model, mode: funcsam.Mode) -> funcsam.SAMOptimizer:
+    def _replicated(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """What the steps run forward: ``model`` in DDP under torchrun (:func:`data_parallel`)."""
+        return data_parallel(model, device)
+
+    @staticmethod
+    def _init_optimizer(args, model, mode: funcsam.Mode, forward) -> funcsam.SAMOptimizer:
         params = funcsam.sam_on_param_groups(model) if args.sam_on else model.parameters()
-        common = dict(rho=args.rho, adaptive=args.adaptive, model=model, mode=mode)
+        # The DDP wrapper, where there is one: sam_sync="local" runs the first pass under its no_sync().
+        common = dict(rho=args.rho, adaptive=args.adaptive, model=forward if is_ddp(forward) else model, mode=mode,
+                      sam_sync=args.sam_sync if is_ddp(forward) else "global")
         if args.base == "adamw":
             return funcsam.SAM(params, torch.optim.AdamW, lr=args.lr, betas=tuple(args.betas),
                                weight_decay=args.weight_decay, **common)
@@ -289,11 +310,13 @@ class AdapterStepper:
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
             losses, logits_parts = [], []
-            for micro_inputs, micro_labels in micro_batches:
-                with autocast_context(self.device, self.args.amp):
-                    logits = self.forward(micro_inputs)
-                    loss = self.criterion(logits, micro_labels) * (len(micro_labels) / len(labels))
-                (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            for index, (micro_inputs, micro_labels) in enumerate(micro_batches):
+                # Under DDP the micro-batches accumulate locally and the last backward averages their sum.
+                with self._no_sync_unless(index == len(micro_batches) - 1):
+                    with autocast_context(self.device, self.args.amp):
+                        logits = self.forward(micro_inputs)
+                        loss = self.criterion(logits, micro_labels) * (len(micro_labels) / len(labels))
+                    (loss if self.scaler is None else self.scaler.scale(loss)).backward()
                 losses.append(loss.detach().float())
                 logits_parts.append(logits.detach())
             first_logits.append(torch.cat(logits_parts))
@@ -305,6 +328,11 @@ class AdapterStepper:
         self.scheduler.step()  # its own count follows step_index: both restart from the checkpoint
         return add_step_to_totals(totals, loss, first_logits[0], labels, self.optimizer.last_step_finite,
                                   self.scaler is not None)
+
+    def _no_sync_unless(self, synchronise: bool):
+        if synchronise or not is_ddp(self.forward):
+            return contextlib.nullcontext()
+        return self.forward.no_sync()
 
     def params_buffers(self):
         return detached(self.model.named_parameters()), detached(self.model.named_buffers())
@@ -318,14 +346,8 @@ class AdapterStepper:
     def load_state_dict(self, saved: dict, path) -> None:
         """Restore from a checkpoint's dict; CheckpointError (nothing changed) if it does not fit."""
         params, buffers = self.params_buffers()
-        check_tensors(saved["params"], params, "parameters", path)
-        check_tensors(saved["buffers"], buffers, "buffers", path)
+        self._check_saved(saved, params, buffers, path)
         optimizer = saved["optimizer"]
-        check_optimizer_state(optimizer.get(self._optimizer_key), list(params.values()), path)
-        if not isinstance(optimizer.get("lr_scheduler"), dict) or \
-                (self.scaler is not None and not isinstance(optimizer.get("grad_scaler"), dict)):
-            raise CheckpointError(f"{path}: its scheduler or loss-scaler state is missing. It was left untouched; "
-                                  "use another --out to start over.")
         with torch.no_grad():
             for k, v in params.items():
                 v.copy_(saved["params"][k])
@@ -335,6 +357,43 @@ class AdapterStepper:
         self.scheduler.load_state_dict(optimizer["lr_scheduler"])
         if self.scaler is not None:
             self.scaler.load_state_dict(optimizer["grad_scaler"])
+
+    def _check_saved(self, saved: dict, params: dict, buffers: dict, path) -> None:
+        """CheckpointError (nothing changed) unless ``saved`` fits these params and buffers (by name and
+        shape), this optimizer, and holds the scheduler's and loss scaler's state."""
+        check_tensors(saved["params"], params, "parameters", path)
+        check_tensors(saved["buffers"], buffers, "buffers", path)
+        optimizer = saved["optimizer"]
+        check_optimizer_state(optimizer.get(self._optimizer_key), list(params.values()), path)
+        if not isinstance(optimizer.get("lr_scheduler"), dict) or \
+                (self.scaler is not None and not isinstance(optimizer.get("grad_scaler"), dict)):
+            raise CheckpointError(f"{path}: its scheduler or loss-scaler state is missing. It was left untouched; "
+                                  "use another --out to start over.")
+
+
+def data_parallel(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in ``DistributedDataParallel`` under torchrun (more than one process), else itself.
+    BatchNorm statistics stay per replica (``broadcast_buffers=False``), as in the functional API."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    ddp = torch.nn.parallel.DistributedDataParallel
+    # torch 2.14 renamed broadcast_buffers (now deprecated); it still syncs at construction, where every
+    # rank holds the same buffers anyway (same seed, and a checkpoint is loaded after).
+    no_forward_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
+                       else {"broadcast_buffers": False})
+    return ddp(model, device_ids=device_ids, **no_forward_sync)
+
+
+def sync_batchnorm_for_ddp(model: torch.nn.Module, args, device: torch.device) -> torch.nn.Module:
+    """With --sync-bn on CUDA and several processes: ``torch.nn.SyncBatchNorm`` layers (its fused
+    kernels, plain autograd) in place of the model's (funcsam's, which ``train`` put there for the
+    functional API; same parameters and buffers, so the names and the checkpoint are unchanged).
+    Elsewhere the model as it is: funcsam's ``SyncBatchNorm`` runs under plain autograd on gloo too."""
+    multi_process = torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if not (args.sync_bn and device.type == "cuda" and multi_process):
+        return model
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def check_optimizer_state(state_dict, params: list[torch.Tensor], path) -> None:

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple
 import torch
 
 from ..hyperparameters import check_int, check_scalar
-from ..tree import PyTree, Tensor, dot
+from ..tree import PyTree, Tensor, dot, dots
 from .protocol import Mode, StepGradients, check_step
 
 __all__ = ["LookSAM", "LookSAMState", "looksam_estimate", "orthogonal_part"]
@@ -88,5 +88,6 @@ def looksam_estimate(grads: list, grad_norm: Tensor, g_v: list, alpha: float, ep
 def orthogonal_part(x: list[Tensor], y: list[Tensor], eps: float) -> list[Tensor]:
     """``x - (x . y / (||y||^2 + eps)) y``: the part of ``x`` orthogonal to ``y`` (global dot products
     over aligned flat leaf lists, in fp32). It is bounded by ``||x||``, so it stays finite."""
-    coefficient = dot(x, y) / (dot(y, y) + eps)
+    x_dot_y, y_dot_y = dots([(x, y), (y, y)])  # one all-reduce for both under sharding
+    coefficient = x_dot_y / (y_dot_y + eps)
     return torch._foreach_sub(x, torch._foreach_mul(y, coefficient))
