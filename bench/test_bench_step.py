@@ -6,7 +6,7 @@ Not part of the test suite (``testpaths = tests``); for ratios from interleaved 
 
 import pytest
 
-from bench.steps import VARIANTS, make_problem
+from bench.steps import PEERS, VARIANTS, make_problem, peer_installed
 
 
 @pytest.fixture(scope="module")
@@ -16,6 +16,8 @@ def problem():
 
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_step(benchmark, problem, name):
+    if name in PEERS and not peer_installed():
+        pytest.skip("pytorch_optimizer is not installed (pip install -e '.[bench]')")
     step = VARIANTS[name](*problem)
     step()  # compile / warm up outside the timing
     benchmark.pedantic(step, rounds=5, warmup_rounds=1)
