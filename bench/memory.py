@@ -6,7 +6,8 @@ temporaries):
 
     footprint = max over one step of allocated bytes - allocated bytes before the contender was built
 
-(the third step after building it: the state exists and a compiled step is compiled). On CUDA it
+(the third step after building it: the state exists; a first instance built and dropped before it
+has compiled the step, so compilation's own leftovers are not counted). On CUDA it
 comes from the caching allocator's counters (``torch.cuda.memory_allocated``,
 ``torch.cuda.reset_peak_memory_stats``, ``torch.cuda.max_memory_allocated``). The CPU allocator
 keeps no peak, so there it comes from the profiler's memory accounting
@@ -21,6 +22,7 @@ every further copy is overhead.
 
 from __future__ import annotations
 
+import gc
 from typing import Callable
 
 import torch
@@ -98,9 +100,21 @@ def footprint_cpu(make_step: Callable[[], Callable[[], object]]) -> tuple[int, s
     return peak - start, op
 
 
+def compile_first(make_step: Callable[[], Callable[[], object]]) -> None:
+    """Build a step and take its warm-up steps, then drop it: a compiled step is then compiled and
+    cached before the measured one is built, so what compilation leaves allocated is not counted."""
+    step = make_step()
+    for _ in range(WARMUP_STEPS):
+        step()
+    del step
+    gc.collect()
+
+
 def footprint(make_step: Callable[[], Callable[[], object]], device: str) -> tuple[int, str]:
     """Peak bytes during one step, counted from before ``make_step()`` built it, on ``device``
-    ("cpu" or "cuda"), and where the peak was reached (the ops, on the CPU)."""
+    ("cpu" or "cuda"), and where the peak was reached (the ops, on the CPU). A first instance is
+    built and dropped before (:func:`compile_first`)."""
+    compile_first(make_step)
     if torch.device(device).type == "cuda":
         return footprint_cuda(make_step)
     return footprint_cpu(make_step)
