@@ -9,6 +9,9 @@ Stages, in order of priority (each a subprocess with its own time limit, cut to 
 ``--budget-s``; a stage that no longer fits is recorded as skipped):
 
     environment     the card, driver and memory (nvidia-smi), torch and its CUDA, the load (uptime)
+    warm_caches     one-step trainer runs of every train_* configuration, all at once, beside
+                    cuda_tests: they fill torch.compile's caches (FX graphs, AOT autograd), so the
+                    timed trainer runs below compile in seconds; waited for before report_fp32
     cuda_tests      pytest tests/test_cuda.py (the functional step and the adapters on the GPU)
     report_fp32     bench.report --device cuda: eager and compiled steps interleaved, the peer
                     pytorch_optimizer.SAM included, and each step's peak memory (CUDA allocator)
@@ -50,6 +53,7 @@ TRAIN_RUNS = [  # (stage, model, amp, compile mode); CUDA graphs right after the
     ("train_wrn28_10_fp16", "wrn28_10", "fp16", "default"),
 ]
 MIN_STAGE_S = 20  # a stage given less than this is skipped rather than started
+WARM_LIMIT_S = 240  # the one-step runs that fill the compile caches, all at once
 
 
 def plan(out: Path, device: str, tiny: bool) -> dict[str, dict]:
@@ -83,6 +87,44 @@ def plan(out: Path, device: str, tiny: bool) -> dict[str, dict]:
     return stages
 
 
+def warm_argv(out: Path, device: str, model: str, amp: str, mode: str) -> list[str]:
+    """A one-step trainer run of a train_* stage's configuration: what it compiles, nothing timed."""
+    return [sys.executable, "-m", "train.cifar10", "--dataset", "synthetic", "--model", model, "--synthetic-size",
+            "256", "--batch-size", "128", "--epochs", "1", "--warmup-epochs", "1", "--limit-steps", "1",
+            "--device", device, "--optim", "sam", "--api", "functional", "--compile", "--amp", amp,
+            "--compile-mode", mode, "--out", str(out / "warm" / f"{model}-{amp}-{mode}")]
+
+
+def start_warming(out: Path, device: str, names: list[str]) -> list[tuple[str, subprocess.Popen]]:
+    """Start the one-step runs of the train_* stages ``names``, all at once (compilation is CPU work)."""
+    runs = []
+    for name, model, amp, mode in TRAIN_RUNS:
+        if name in names:
+            log = open(out / f"warm_{name}.log", "w")
+            runs.append((name, subprocess.Popen(warm_argv(out, device, model, amp, mode), cwd=REPO, stdout=log,
+                                                stderr=subprocess.STDOUT, env=child_env())))
+    return runs
+
+
+def finish_warming(runs: list[tuple[str, subprocess.Popen]], limit_s: float, started: float) -> dict:
+    """Wait for the warming runs (killing what is left at ``limit_s``); their exit codes and the wall time."""
+    deadline, codes = time.monotonic() + limit_s, {}
+    for name, process in runs:
+        try:
+            codes[name] = process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            codes[name] = "killed at the limit"
+    ok = all(code == 0 for code in codes.values())
+    return dict(status="ok" if ok else "failed", returncode=codes, wall_s=round(time.monotonic() - started, 1),
+                command="one-step runs of " + ", ".join(codes) + " (logs: warm_*.log)")
+
+
+def child_env() -> dict:
+    """The environment of every stage: this checkout first on PYTHONPATH."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+
+
 def environment() -> dict:
     """The card, driver and memory (nvidia-smi), torch and its CUDA, the host and its load."""
     import torch
@@ -91,9 +133,6 @@ def environment() -> dict:
                host=platform.node(), python=platform.python_version(), torch=torch.__version__,
                torch_cuda=torch.version.cuda, cuda_available=torch.cuda.is_available(),
                cpu_count=os.cpu_count(), load_average=list(os.getloadavg()))
-    if torch.cuda.is_available():
-        env["device_name"] = torch.cuda.get_device_name(0)
-        env["device_memory_gib"] = torch.cuda.get_device_properties(0).total_memory / 2**30
     if shutil.which("nvidia-smi"):
         query = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,power.limit",
                                 "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
@@ -106,9 +145,8 @@ def environment() -> dict:
 def run_stage(argv: list[str], limit_s: float, results: Path | None) -> dict:
     """One stage as a subprocess in the repository root, cut at ``limit_s`` seconds."""
     started = time.perf_counter()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     try:
-        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=limit_s, env=env)
+        done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=limit_s, env=child_env())
         status, code, output = ("ok" if done.returncode == 0 else "failed"), done.returncode, done.stdout + done.stderr
     except subprocess.TimeoutExpired as expired:
         status, code = "timed out", None
@@ -142,9 +180,15 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.monotonic() + args.budget_s
     record = dict(argv=sys.argv[1:] if argv is None else argv, budget_s=args.budget_s, device=args.device,
                   tiny=args.tiny, environment=environment(), stages={})
-    for name, stage in stages.items():
-        if args.only and name not in args.only:
-            continue
+    selected = [name for name in stages if not args.only or name in args.only]
+    warming = [] if args.tiny or args.dry_run else start_warming(args.out, args.device, selected)
+    warm_started = time.monotonic()
+    for name in selected:
+        stage = stages[name]
+        if warming and name != "cuda_tests":  # nothing is timed while the caches fill
+            limit = min(WARM_LIMIT_S, deadline - time.monotonic())
+            record["stages"]["warm_caches"] = finish_warming(warming, limit, warm_started)
+            warming = []
         left = deadline - time.monotonic()
         if args.dry_run or left < MIN_STAGE_S:
             result = dict(command=" ".join(stage["argv"]), status="dry run" if args.dry_run else "skipped",

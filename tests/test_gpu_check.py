@@ -22,6 +22,14 @@ def test_dry_run_writes_the_plan_and_the_environment(tmp_path):
     assert {"date", "torch", "torch_cuda", "nvidia_smi", "load_average"} <= record["environment"].keys()
 
 
+@pytest.mark.parametrize("name, model, amp, mode", gpu_check.TRAIN_RUNS)
+def test_the_cache_warming_runs_are_valid_trainer_runs_of_their_stage(tmp_path, name, model, amp, mode):
+    argv = gpu_check.warm_argv(tmp_path, "cpu", model, amp, mode)
+    assert argv[1:3] == ["-m", "train.cifar10"]
+    args = cifar10.parse_args(argv[3:])
+    assert (args.model, args.amp, args.compile_mode, args.compile, args.limit_steps) == (model, amp, mode, True, 1)
+
+
 def test_an_unknown_stage_is_refused_before_anything_runs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu_check.main([str(tmp_path / "out"), "--only", "report_fp64"])
