@@ -23,8 +23,8 @@ from train.models import MODELS, TIMM_PREFIX, parse_timm_model
 from train.sam_modes import SAM_MODES
 
 # Arguments that shape the trajectory: a checkpoint is only resumed when all of them match.
-# (--compile, --compile-scope, --compile-mode, --channels-last, --device, --data-dir, --out, --tensorboard may change between a run
-# and its resumption: they change how the same steps are computed, not which.)
+# (--compile, --compile-scope, --compile-mode, --channels-last, --device, --data-dir, --out, --tensorboard may
+# change between a run and its resumption: they change how the same steps are computed, not which.)
 RUN_DEFINING_ARGS = (
     "model", "optim", "base", "betas", "rho", "adaptive", "api", "epochs", "batch_size", "lr", "momentum",
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
