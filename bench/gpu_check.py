@@ -20,9 +20,11 @@ Stages, in order of priority (each a subprocess with its own time limit, cut to 
     report_bf16     bench.report --amp bf16: the same steps under autocast (compiled ones only)
 
 Everything lands in ``OUT_DIR/gpu_check.json``, rewritten after every stage, so a call cut short
-keeps what it measured (rerun the skipped stages with ``--only``): ``{"environment": {...}, "budget_s": ...,
-"stages": {name: {"command",
-"status" (ok, failed, timed out, skipped), "returncode", "wall_s", "output_tail", "results"}}}``
+keeps what it measured (rerun the skipped stages with ``--only``)::
+
+    {"environment": {...}, "budget_s": ..., "stages": {name: {"command", "status" (ok, failed,
+     timed out, skipped), "returncode", "wall_s", "output_tail", "results"}}}
+
 where ``results`` is what the stage's own ``--json``/``--out`` file held.
 """
 
