@@ -17,7 +17,8 @@ from .sgd import sgd_apply, sgd_direction
 # Modes: how a step spends its second pass.
 from . import modes
 from .modes import (
-    AESAM, GSAM, MSAM, AdaptiveState, Every, FullSAM, Late, LookSAM, LookSAMState, Mode, every, late, linear_threshold,
+    AESAM, GSAM, MSAM, RST, AdaptiveState, Every, FullSAM, Late, LookSAM, LookSAMState, Mode, every, late,
+    linear_threshold,
 )
 
 # Gradient sources: one batch, micro-batches, m-sharpness parts (replicas: SAMOptions.grad_reduce).
@@ -52,7 +53,7 @@ __all__ = [
     "SAMOptions", "SAMStepOutput", "MomentumState", "init_momentum", "sam_step",
     "Adam", "AdamState", "SGD", "adam", "adam_update", "adamw", "sgd", "sgd_apply", "sgd_direction",
     "modes", "AESAM", "AdaptiveState", "Every", "FullSAM", "GSAM", "Late", "LookSAM", "LookSAMState", "MSAM", "Mode",
-    "every", "late", "linear_threshold",
+    "RST", "every", "late", "linear_threshold",
     "MicroBatches", "MSharpness", "OneBatch", "shard_batch", "split_batch",
     "accumulated_sam_step", "adaptive_sam_step", "gsam_step", "init_adaptive", "init_looksam", "looksam_step",
     "m_sharpness_sam_step", "msam_step", "scheduled_sam_step",

@@ -30,12 +30,13 @@ RUN_DEFINING_ARGS = (
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
     "sam_mode", "sam_every", "sam_start_epoch", "looksam_alpha", "gsam_alpha", "sam_on", "adaptive_delta",
-    "fsdp",
+    "fsdp", "rst_p", "rst_p_end",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
                              base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
-                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False)
+                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False,
+                             rst_p=0.5, rst_p_end=None)
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "gradient every --sam-every steps and its extra direction reused between; msam: "
                               "momentum-SAM, one pass perturbed along the momentum; gsam: GSAM, SAM with a "
                               "surrogate-gap ascent (--gsam-alpha); adaptive: AE-SAM, SAM only when the squared "
-                              "gradient norm is high against its running statistics (not ASAM: that is --adaptive)")
+                              "gradient norm is high against its running statistics (not ASAM: that is --adaptive); "
+                              "rst: randomized SAM, SAM with probability --rst-p (a hash of --seed and the step)")
     cheaper.add_argument("--sam-every", type=int, default=5, metavar="K",
                          help="--sam-mode every / looksam: SAM on steps 0, K, 2K, ...")
     cheaper.add_argument("--sam-start-epoch", type=int, default=None, metavar="E",
@@ -159,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
     cheaper.add_argument("--gsam-alpha", type=float, default=0.2, help="--sam-mode gsam: the weight of the gap ascent")
     cheaper.add_argument("--adaptive-delta", type=float, default=0.9,
                          help="--sam-mode adaptive: the decay of the running mean and variance of the squared gradient norm")
+    cheaper.add_argument("--rst-p", type=float, default=0.5, metavar="P",
+                         help="--sam-mode rst: the probability of a SAM step (at step 0 with --rst-p-end)")
+    cheaper.add_argument("--rst-p-end", type=float, default=None, metavar="P",
+                         help="--sam-mode rst: the probability at the run's last step, reached linearly from --rst-p "
+                              "(default: --rst-p throughout)")
     cheaper.add_argument("--sam-on", action="store_true",
                          help="SAM-ON: perturb only the normalisation layers' parameters (with any --sam-mode)")
     beyond = p.add_argument_group(
@@ -283,6 +290,10 @@ def check_sam_mode(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not 0 <= args.adaptive_delta < 1:
         raise UsageError(f"--adaptive-delta must be in [0, 1), got {args.adaptive_delta}")
+    for name in ("rst_p", "rst_p_end"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:  # NaN fails too
+            raise UsageError(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {value}")
     if args.sam_mode != "full" and args.optim == "sgd":
         raise UsageError(f"--sam-mode {args.sam_mode} needs --optim sam: --optim sgd is the base optimizer alone")
     if args.sam_mode == "msam" and args.base == "sgd" and args.momentum == 0:

@@ -4,6 +4,7 @@
     late      funcsam.late(--sam-start-epoch epochs)  looksam   funcsam.LookSAM(--sam-every, --looksam-alpha)
     msam      funcsam.MSAM()                          gsam      funcsam.GSAM(--gsam-alpha)
     adaptive  funcsam.AESAM(the run's steps, --adaptive-delta): the threshold moves over the whole run
+    rst       funcsam.RST(--rst-p, seed=--seed), or with --rst-p-end p_t rising linearly over the whole run
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ SAM_MODES: dict[str, Callable[[argparse.Namespace, int], funcsam.Mode | None]] =
     "gsam": lambda args, steps_per_epoch: funcsam.GSAM(args.gsam_alpha),
     "adaptive": lambda args, steps_per_epoch: funcsam.AESAM(total_steps=args.epochs * steps_per_epoch,
                                                             delta=args.adaptive_delta),
+    "rst": lambda args, steps_per_epoch: funcsam.RST(
+        args.rst_p, seed=args.seed, p_end=args.rst_p_end,
+        total_steps=None if args.rst_p_end is None else args.epochs * steps_per_epoch),
 }
 
 

@@ -188,7 +188,8 @@ def check_mode(mode: Any) -> Mode:
         raise TypeError(f"mode must be a mode object, e.g. mode={example}, not {mode.__name__} itself")
     raise TypeError(
         "mode must be None (SAM on every step), funcsam.every(k), funcsam.late(start_step), funcsam.LookSAM(k, alpha), "
-        f"funcsam.MSAM(), funcsam.GSAM(alpha) or funcsam.AESAM(total_steps), got {type(mode).__name__} {mode!r:.80}"
+        "funcsam.MSAM(), funcsam.GSAM(alpha), funcsam.AESAM(total_steps) or funcsam.RST(p), "
+        f"got {type(mode).__name__} {mode!r:.80}"
     )
 
 
