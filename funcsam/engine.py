@@ -4,6 +4,7 @@ Written once, here; the mode (:mod:`funcsam.modes`) and the source (:mod:`funcsa
 the two plugs, and the optimizers call the same mode hooks::
 
     setup  = prepare_step(params, loss_fn, rho, lr, base_state, base, options, loss_scale)
+    rho    = rho * mode.rho_scale                                        (every(k, scale_rho=True): rho * k)
     point  = w, or w - rho * m / ||m|| where the mode ascends along the momentum (MSAM)
     first  = source.first_pass(gradient, point, buffers, batch)          units g_k, loss, buffers, aux
     SAM step:   g_k reduced (sam_sync global) and unscaled, e_k = perturb(g_k),
@@ -117,6 +118,8 @@ def prepare_step(params: PyTree, loss_fn: Callable, rho, lr, base_state, base: B
 def run_pipeline(setup: StepSetup, mode: Mode, source: Any, own: Any, loss_fn: Callable, buffers: PyTree,
                  batch: Any, take_sam: bool) -> tuple[SAMStepOutput, Any]:
     """One step of ``mode`` over ``source``: ``(output with the base state, the mode's own state after)``."""
+    if mode.rho_scale != 1:
+        setup = setup._replace(rho=setup.rho * mode.rho_scale)
     gradient = gradient_fn(loss_fn, setup)
     perturbs = take_sam and not is_static_zero(setup.rho)
     point = setup.leaves

@@ -6,6 +6,7 @@ step trains on, or the base step with g; nothing of funcsam's.
 """
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -180,6 +181,78 @@ def test_rst_refuses_bad_steps_and_the_two_halves_style():
 
 
 # ---------------------------------------------------------------------------------------------------
+# every(k, scale_rho=True): rho * k on the SAM steps
+# ---------------------------------------------------------------------------------------------------
+
+
+def _float64_mlp_and_batches(n=7):
+    return mlp().double(), [(x.double(), y) for x, y in classification_batches(n, 8, (6,))]
+
+
+def test_every_with_scaled_rho_matches_the_hand_written_reference_in_both_apis():
+    mode = funcsam.every(3, scale_rho=True)
+    assert mode.rho_scale == 3.0 and funcsam.every(3).rho_scale == 1.0
+    model, batches = _float64_mlp_and_batches()
+    expected = reference(model, batches, lambda step, model, batch: (3 * RHO if step % 3 == 0 else None, batch))
+    assert_trees_close(functional(model, batches, mode), expected, atol=1e-9)
+    for name in ("samsgd", "sam_sgd"):
+        assert_trees_close(adapted(model, batches, mode, name)[0], expected, atol=1e-9)
+    assert _differ(expected, functional(model, batches, funcsam.every(3)))  # rho * k is not rho
+
+
+def test_every_1_with_scaled_rho_is_full_sam_exactly():
+    model, batches = _float64_mlp_and_batches(3)
+    scaled, full = functional(model, batches, funcsam.every(1, scale_rho=True)), functional(model, batches)
+    assert all(torch.equal(scaled[k], full[k]) for k in full)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoubledMSAM(funcsam.MSAM):
+    rho_scale = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DoubledGSAM(funcsam.GSAM):
+    rho_scale = 2.0
+
+
+@pytest.mark.parametrize("scaled, plain", [(DoubledMSAM(), funcsam.MSAM()), (DoubledGSAM(0.3), funcsam.GSAM(0.3))],
+                         ids=["msam", "gsam"])
+def test_every_path_that_perturbs_reads_the_modes_rho_scale(scaled, plain):
+    """A mode's rho_scale is rho times it wherever rho is used: the pure step, the closure, MSAM's
+    ascent along the momentum, and first_step/second_step (GSAM takes both styles)."""
+    model, batches = _float64_mlp_and_batches(4)
+    base = funcsam.sgd(**SGD_HYPER)
+
+    def pure(mode, rho):
+        params, buffers = params_and_buffers(model)
+        loss_fn, state = funcsam.make_loss_fn(model, F.cross_entropy), mode.init_state(base, params)
+        for batch in batches:
+            out = funcsam.sam_step(params, buffers, batch, loss_fn, rho, LR, state, base=base, mode=mode)
+            params, buffers, state = out.params, out.buffers, out.momentum_state
+        return params
+
+    def stateful(mode, rho, style):
+        copied = copy.deepcopy(model)
+        optimizer = funcsam.SAM(copied.parameters(), torch.optim.SGD, lr=LR, rho=rho, mode=mode, **SGD_HYPER)
+        adapter_steps(copied, optimizer, batches, style)
+        return params_and_buffers(copied)[0]
+
+    expected = pure(plain, 2 * RHO)
+    assert_trees_close(pure(scaled, RHO), expected, atol=1e-12)
+    for style in ["closure", "davda54_closure"] + ["first_second"] * scaled.two_halves:
+        assert_trees_close(stateful(scaled, RHO, style), stateful(plain, 2 * RHO, style), atol=1e-12)
+    assert _differ(expected, pure(plain, RHO))
+
+
+def test_scale_rho_must_be_a_bool():
+    with pytest.raises(TypeError, match=r"scale_rho must be a bool"):
+        funcsam.every(3, scale_rho=1)
+    with pytest.raises(TypeError, match=r"scale_rho must be a bool"):
+        funcsam.every(3, scale_rho="yes")
+
+
+# ---------------------------------------------------------------------------------------------------
 # The trainer's --sam-mode values
 # ---------------------------------------------------------------------------------------------------
 
@@ -197,7 +270,8 @@ def _trainer_run(out, *flags):
 
 @pytest.mark.parametrize("flags", [
     ["--sam-mode", "rst", "--rst-p", "0.2", "--rst-p-end", "0.9"],
-], ids=["rst"])
+    ["--sam-mode", "every", "--sam-every", "3", "--sam-rho-scale"],
+], ids=["rst", "every-rho-scale"])
 def test_trainer_mode_takes_the_same_steps_in_both_apis(tmp_path, flags):
     functional_params = _trainer_run(tmp_path / "functional", "--api", "functional", *flags)
     adapter_params = _trainer_run(tmp_path / "adapter", "--api", "adapter", *flags)
@@ -211,7 +285,7 @@ def test_trainer_mode_takes_the_same_steps_in_both_apis(tmp_path, flags):
 
 @pytest.mark.parametrize("argv", [
     ["--sam-mode", "rst", "--rst-p", "1.5"], ["--sam-mode", "rst", "--rst-p-end", "nan"],
-    ["--sam-mode", "rst", "--optim", "sgd"],
+    ["--sam-mode", "rst", "--optim", "sgd"], ["--sam-mode", "looksam", "--sam-rho-scale"], ["--sam-rho-scale"],
 ])
 def test_trainer_refuses_bad_mode_flags(argv, capsys):
     import train.cifar10 as cifar10

@@ -30,13 +30,13 @@ RUN_DEFINING_ARGS = (
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
     "sam_mode", "sam_every", "sam_start_epoch", "looksam_alpha", "gsam_alpha", "sam_on", "adaptive_delta",
-    "fsdp", "rst_p", "rst_p_end",
+    "fsdp", "rst_p", "rst_p_end", "sam_rho_scale",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
                              base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
                              looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False,
-                             rst_p=0.5, rst_p_end=None)
+                             rst_p=0.5, rst_p_end=None, sam_rho_scale=False)
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "rst: randomized SAM, SAM with probability --rst-p (a hash of --seed and the step)")
     cheaper.add_argument("--sam-every", type=int, default=5, metavar="K",
                          help="--sam-mode every / looksam: SAM on steps 0, K, 2K, ...")
+    cheaper.add_argument("--sam-rho-scale", action="store_true",
+                         help="--sam-mode every: SAM steps perturb with --rho times K (Composer's advice: rho 0.5 at "
+                              "interval 10 on ImageNet)")
     cheaper.add_argument("--sam-start-epoch", type=int, default=None, metavar="E",
                          help="--sam-mode late: the first epoch (0-based) with SAM; default: the last tenth of "
                               "the run (at least one epoch)")
@@ -294,6 +297,9 @@ def check_sam_mode(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:  # NaN fails too
             raise UsageError(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {value}")
+    if args.sam_rho_scale and args.sam_mode != "every":
+        raise UsageError(f"--sam-rho-scale scales rho by --sam-every for --sam-mode every; --sam-mode {args.sam_mode} "
+                         "does not take it (pass the rho you want with --rho)")
     if args.sam_mode != "full" and args.optim == "sgd":
         raise UsageError(f"--sam-mode {args.sam_mode} needs --optim sam: --optim sgd is the base optimizer alone")
     if args.sam_mode == "msam" and args.base == "sgd" and args.momentum == 0:

@@ -1,6 +1,6 @@
 """The one table of ``--sam-mode`` values: each builds the funcsam mode object that both APIs step with.
 
-    full      None: SAM on every step                 every     funcsam.every(--sam-every)
+    full      None: SAM on every step                 every     funcsam.every(--sam-every, --sam-rho-scale)
     late      funcsam.late(--sam-start-epoch epochs)  looksam   funcsam.LookSAM(--sam-every, --looksam-alpha)
     msam      funcsam.MSAM()                          gsam      funcsam.GSAM(--gsam-alpha)
     adaptive  funcsam.AESAM(the run's steps, --adaptive-delta): the threshold moves over the whole run
@@ -17,7 +17,7 @@ import funcsam
 # value -> (args, steps per epoch) -> the mode (None: full SAM)
 SAM_MODES: dict[str, Callable[[argparse.Namespace, int], funcsam.Mode | None]] = {
     "full": lambda args, steps_per_epoch: None,
-    "every": lambda args, steps_per_epoch: funcsam.every(args.sam_every),
+    "every": lambda args, steps_per_epoch: funcsam.every(args.sam_every, scale_rho=args.sam_rho_scale),
     "late": lambda args, steps_per_epoch: funcsam.late(args.sam_start_epoch * steps_per_epoch),
     "looksam": lambda args, steps_per_epoch: funcsam.LookSAM(args.sam_every, args.looksam_alpha),
     "msam": lambda args, steps_per_epoch: funcsam.MSAM(),
