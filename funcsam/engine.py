@@ -128,7 +128,8 @@ def run_pipeline(setup: StepSetup, mode: Mode, source: Any, own: Any, loss_fn: C
         point = torch._foreach_sub(setup.leaves, ascent)
     first = source.first_pass(gradient, point, buffers, batch)
     if perturbs and mode.ascent == "gradient":
-        result = two_pass_gradients(setup, mode, source, first.units, gradient, buffers, batch)
+        second_batch = batch if first.second_batch is None else first.second_batch  # TopK's k examples
+        result = two_pass_gradients(setup, mode, source, first.units, gradient, buffers, second_batch)
     else:
         result = one_pass_gradients(setup, first.units)
     finite = result.finite & torch.isfinite(first.loss)
@@ -249,6 +250,7 @@ def gradient_fn(loss_fn: Callable, setup: StepSetup):
             grads, (loss, new_buffers, aux_leaves) = _eager_grad(scaled_loss, leaves, buffers, batch, scale)
         return grads, (loss, new_buffers, unflatten(aux_spec["spec"], aux_leaves))
 
+    gradient.params_of = lambda leaves: unflatten(spec, leaves)  # for a source that calls a function of params
     return gradient
 
 

@@ -253,6 +253,86 @@ def test_scale_rho_must_be_a_bool():
 
 
 # ---------------------------------------------------------------------------------------------------
+# K-SAM: both passes on the k examples of highest loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def _per_example_loss(model):
+    return funcsam.make_loss_fn(model, lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
+
+
+def _highest_loss_examples(model, batch, k):
+    """The k examples of highest cross-entropy under ``model``, by sorting (not torch.topk)."""
+    inputs, targets = batch
+    with torch.no_grad():
+        losses = torch.stack([F.cross_entropy(model(inputs[i:i + 1]), targets[i:i + 1]) for i in range(len(targets))])
+    order = sorted(range(len(targets)), key=lambda i: -float(losses[i]))[:k]
+    return inputs[order], targets[order]
+
+
+def test_ksam_matches_the_hand_written_reference():
+    model, batches = _float64_mlp_and_batches(5)
+    k = 3
+    expected = reference(model, batches, lambda step, model, batch: (RHO, _highest_loss_examples(model, batch, k)))
+    source = funcsam.TopK(k, _per_example_loss(model))
+    assert_trees_close(functional(model, batches, source=source), expected, atol=1e-9)
+    assert _differ(expected, functional(model, batches))  # not SAM on the whole batch
+
+
+def test_ksam_reports_the_whole_batchs_loss_and_logits():
+    model, (batch,) = mlp(), classification_batches(1, 8, (6,))
+    params, buffers = params_and_buffers(model)
+    out = funcsam.sam_step(params, buffers, batch, funcsam.make_loss_fn(model, F.cross_entropy), RHO, LR,
+                           funcsam.init_momentum(params), source=funcsam.TopK(2, _per_example_loss(model)))
+    with torch.no_grad():
+        logits = model(batch[0])
+    torch.testing.assert_close(out.aux, logits)
+    torch.testing.assert_close(out.loss, F.cross_entropy(logits, batch[1]))
+
+
+def test_ksam_in_the_optimizers_is_a_step_on_the_selected_examples():
+    """With the optimizers K-SAM is a loop of the user's: select with funcsam.top_k_examples, then step."""
+    model, batches = _float64_mlp_and_batches(5)
+    k = 3
+    expected = reference(model, batches, lambda step, model, batch: (RHO, _highest_loss_examples(model, batch, k)))
+    trained = copy.deepcopy(model)
+    optimizer = funcsam.SAMSGD(trained.parameters(), lr=LR, rho=RHO, **SGD_HYPER)
+    for inputs, targets in batches:
+        with torch.no_grad():
+            losses = F.cross_entropy(trained(inputs), targets, reduction="none")
+        selected_inputs, selected_targets = funcsam.top_k_examples((inputs, targets), losses, k)
+
+        def closure():
+            optimizer.zero_grad()
+            loss = F.cross_entropy(trained(selected_inputs), selected_targets)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+    assert_trees_close(params_and_buffers(trained)[0], expected, atol=1e-9)
+
+
+def test_bad_ksam_inputs_are_refused_by_name():
+    model, (batch,) = mlp(), classification_batches(1, 4, (6,))
+    params, buffers = params_and_buffers(model)
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    with pytest.raises(ValueError, match=r"k must be an int >= 1"):
+        funcsam.TopK(0, _per_example_loss(model))
+    with pytest.raises(TypeError, match=r"k must be an int"):
+        funcsam.TopK(2.0, _per_example_loss(model))
+    with pytest.raises(TypeError, match=r"per_example_loss must be callable"):
+        funcsam.TopK(2, None)
+    with pytest.raises(ValueError, match=r"TopK\(k=5\) needs batches of at least k examples, got a batch of 4"):
+        funcsam.sam_step(params, buffers, batch, loss_fn, RHO, LR, funcsam.init_momentum(params),
+                         source=funcsam.TopK(5, _per_example_loss(model)))
+    with pytest.raises(ValueError, match=r"one loss per example, a tensor of shape \(4,\), got shape \(\)"):
+        funcsam.sam_step(params, buffers, batch, loss_fn, RHO, LR, funcsam.init_momentum(params),
+                         source=funcsam.TopK(2, loss_fn))  # a mean-reduced loss
+    with pytest.raises(ValueError, match=r"k=5 is more than the batch's 4 examples"):
+        funcsam.top_k_examples(batch, torch.zeros(4), 5)
+
+
+# ---------------------------------------------------------------------------------------------------
 # The trainer's --sam-mode values
 # ---------------------------------------------------------------------------------------------------
 
@@ -286,6 +366,8 @@ def test_trainer_mode_takes_the_same_steps_in_both_apis(tmp_path, flags):
 @pytest.mark.parametrize("argv", [
     ["--sam-mode", "rst", "--rst-p", "1.5"], ["--sam-mode", "rst", "--rst-p-end", "nan"],
     ["--sam-mode", "rst", "--optim", "sgd"], ["--sam-mode", "looksam", "--sam-rho-scale"], ["--sam-rho-scale"],
+    ["--sam-mode", "ksam", "--ksam-k", "0"], ["--sam-mode", "ksam", "--batch-size", "32", "--ksam-k", "33"],
+    ["--sam-mode", "ksam", "--api", "adapter"], ["--sam-mode", "ksam", "--accumulate", "2"], ["--ksam-k", "4"],
 ])
 def test_trainer_refuses_bad_mode_flags(argv, capsys):
     import train.cifar10 as cifar10
@@ -294,3 +376,13 @@ def test_trainer_refuses_bad_mode_flags(argv, capsys):
         cifar10.parse_args(argv)
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_trainer_ksam_trains_on_the_top_k_in_the_functional_api(tmp_path):
+    params = _trainer_run(tmp_path / "ksam", "--sam-mode", "ksam", "--ksam-k", "8")
+    recorded = json.loads((tmp_path / "ksam" / "args.json").read_text())
+    assert (recorded["sam_mode"], recorded["ksam_k"]) == ("ksam", 8)
+    assert _differ(params, _trainer_run(tmp_path / "full", "--api", "functional"))
+    import train.cifar10 as cifar10
+
+    assert cifar10.parse_args(["--sam-mode", "ksam", "--batch-size", "128"]).ksam_k == 32  # a quarter by default
