@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import funcsam
+import train.cifar10 as cifar10
 from helpers import adapter_steps, assert_trees_close, classification_batches, mlp, params_and_buffers
+from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 EPS = 1e-12
 RHO = 0.1
@@ -338,9 +340,6 @@ def test_bad_ksam_inputs_are_refused_by_name():
 
 
 def _trainer_run(out, *flags):
-    import train.cifar10 as cifar10
-    from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-
     argv = ["--dataset", "synthetic", "--model", "tiny", "--synthetic-size", "256", "--batch-size", "32",
             "--epochs", "2", "--warmup-epochs", "1", "--limit-steps", "4", "--device", "cpu", "--out", str(out),
             "--no-channels-last", *flags]
@@ -370,8 +369,6 @@ def test_trainer_mode_takes_the_same_steps_in_both_apis(tmp_path, flags):
     ["--sam-mode", "ksam", "--api", "adapter"], ["--sam-mode", "ksam", "--accumulate", "2"], ["--ksam-k", "4"],
 ])
 def test_trainer_refuses_bad_mode_flags(argv, capsys):
-    import train.cifar10 as cifar10
-
     with pytest.raises(SystemExit) as exit_info:
         cifar10.parse_args(argv)
     assert exit_info.value.code == 2
@@ -383,7 +380,4 @@ def test_trainer_ksam_trains_on_the_top_k_in_the_functional_api(tmp_path):
     recorded = json.loads((tmp_path / "ksam" / "args.json").read_text())
     assert (recorded["sam_mode"], recorded["ksam_k"]) == ("ksam", 8)
     assert _differ(params, _trainer_run(tmp_path / "full", "--api", "functional"))
-    import train.cifar10 as cifar10
-
     assert cifar10.parse_args(["--sam-mode", "ksam", "--batch-size", "128"]).ksam_k == 32  # a quarter by default
-
