@@ -22,7 +22,7 @@ from .modes import (
 )
 
 # Gradient sources: one batch, micro-batches, m-sharpness parts, K-SAM's top k (replicas: SAMOptions.grad_reduce).
-from .sources import MicroBatches, MSharpness, OneBatch, TopK, top_k_examples
+from .sources import SDS, MicroBatches, MSharpness, OneBatch, TopK, top_k_examples
 from .batching import shard_batch, split_batch
 
 # The named steps: sam_step with one mode or source.
@@ -54,7 +54,7 @@ __all__ = [
     "Adam", "AdamState", "SGD", "adam", "adam_update", "adamw", "sgd", "sgd_apply", "sgd_direction",
     "modes", "AESAM", "AdaptiveState", "Every", "FullSAM", "GSAM", "Late", "LookSAM", "LookSAMState", "MSAM", "Mode",
     "RST", "every", "late", "linear_threshold",
-    "MicroBatches", "MSharpness", "OneBatch", "TopK", "shard_batch", "split_batch", "top_k_examples",
+    "MicroBatches", "MSharpness", "OneBatch", "SDS", "TopK", "shard_batch", "split_batch", "top_k_examples",
     "accumulated_sam_step", "adaptive_sam_step", "gsam_step", "init_adaptive", "init_looksam", "looksam_step",
     "m_sharpness_sam_step", "msam_step", "scheduled_sam_step",
     "SAM", "SAMOptimizer", "SAMSGD",

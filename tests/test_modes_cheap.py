@@ -1,4 +1,5 @@
-"""RST, every(k, scale_rho=True) and K-SAM against their formulas written out by hand, in both APIs.
+"""RST, every(k, scale_rho=True), K-SAM (TopK) and ESAM's selection (SDS) against their formulas
+written out by hand, in both APIs where they fit, and their trainer flags.
 
 The reference steps a copy of the model with plain torch.autograd and torch.optim.SGD: per step,
 either SAM's two passes (e = rho_t * g / (||g|| + eps), then g_sam at w + e) on the examples the
@@ -30,7 +31,8 @@ def _norm(tensors):
 
 def reference(model, batches, plan):
     """Params after SGD over ``batches``, step t following ``plan(t, model, batch) -> (rho_t or None, batch_t)``:
-    rho_t None is the base step on the whole batch, else SAM with radius rho_t on ``batch_t``."""
+    rho_t None is the base step on the whole batch, else SAM with radius rho_t on ``batch_t``. A third
+    element ``second(model)`` (called with the model at w + e) gives the second pass its own batch."""
     model = copy.deepcopy(model)
     params = list(model.parameters())
     optimizer = torch.optim.SGD(params, lr=LR, **SGD_HYPER)
@@ -39,7 +41,7 @@ def reference(model, batches, plan):
         return torch.autograd.grad(F.cross_entropy(model(inputs), targets), params)
 
     for step, batch in enumerate(batches):
-        rho, (inputs, targets) = plan(step, model, batch)
+        rho, (inputs, targets), *second = plan(step, model, batch)
         g = gradient(inputs, targets)
         if rho is not None:
             w = [p.detach().clone() for p in params]
@@ -47,7 +49,7 @@ def reference(model, batches, plan):
                 norm = _norm(g)
                 for p, gi in zip(params, g):
                     p.add_(rho * gi / (norm + EPS))
-            g = gradient(inputs, targets)
+            g = gradient(*(second[0](model) if second else (inputs, targets)))
             with torch.no_grad():
                 for p, wi in zip(params, w):
                     p.copy_(wi)
@@ -263,13 +265,20 @@ def _per_example_loss(model):
     return funcsam.make_loss_fn(model, lambda logits, y: F.cross_entropy(logits, y, reduction="none"))
 
 
-def _highest_loss_examples(model, batch, k):
-    """The k examples of highest cross-entropy under ``model``, by sorting (not torch.topk)."""
+def _losses_one_by_one(model, batch):
     inputs, targets = batch
     with torch.no_grad():
-        losses = torch.stack([F.cross_entropy(model(inputs[i:i + 1]), targets[i:i + 1]) for i in range(len(targets))])
-    order = sorted(range(len(targets)), key=lambda i: -float(losses[i]))[:k]
-    return inputs[order], targets[order]
+        return [float(F.cross_entropy(model(inputs[i:i + 1]), targets[i:i + 1])) for i in range(len(targets))]
+
+
+def _examples_by_score(batch, scores, k):
+    """The k examples of largest ``scores``, by sorting (not torch.topk)."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:k]
+    return batch[0][order], batch[1][order]
+
+
+def _highest_loss_examples(model, batch, k):
+    return _examples_by_score(batch, _losses_one_by_one(model, batch), k)
 
 
 def test_ksam_matches_the_hand_written_reference():
@@ -279,6 +288,29 @@ def test_ksam_matches_the_hand_written_reference():
     source = funcsam.TopK(k, _per_example_loss(model))
     assert_trees_close(functional(model, batches, source=source), expected, atol=1e-9)
     assert _differ(expected, functional(model, batches))  # not SAM on the whole batch
+
+
+def _sds_plan(k):
+    def plan(step, model, batch):
+        at_w = _losses_one_by_one(model, batch)
+
+        def rising_most(model_at_w_plus_e):
+            at_w_plus_e = _losses_one_by_one(model_at_w_plus_e, batch)
+            return _examples_by_score(batch, [b - a for a, b in zip(at_w, at_w_plus_e)], k)
+
+        return RHO, batch, rising_most
+    return plan
+
+
+def test_sds_matches_the_hand_written_reference():
+    model, batches = _float64_mlp_and_batches(5)
+    expected = reference(model, batches, _sds_plan(3))
+    source = funcsam.SDS(3, _per_example_loss(model))
+    assert_trees_close(functional(model, batches, source=source), expected, atol=1e-9)
+    assert _differ(expected, functional(model, batches))  # not SAM on the whole batch
+    # nor K-SAM's second pass: the examples whose loss rises most are not those of highest loss
+    assert _differ(expected, reference(model, batches, lambda step, model, batch: (
+        RHO, batch, lambda perturbed: _highest_loss_examples(perturbed, batch, 3))))
 
 
 def test_ksam_reports_the_whole_batchs_loss_and_logits():
@@ -330,6 +362,11 @@ def test_bad_ksam_inputs_are_refused_by_name():
     with pytest.raises(ValueError, match=r"one loss per example, a tensor of shape \(4,\), got shape \(\)"):
         funcsam.sam_step(params, buffers, batch, loss_fn, RHO, LR, funcsam.init_momentum(params),
                          source=funcsam.TopK(2, loss_fn))  # a mean-reduced loss
+    with pytest.raises(ValueError, match=r"SDS\(k=5\) needs batches of at least k examples"):
+        funcsam.sam_step(params, buffers, batch, loss_fn, RHO, LR, funcsam.init_momentum(params),
+                         source=funcsam.SDS(5, _per_example_loss(model)))
+    with pytest.raises(TypeError, match=r"per_example_loss must be callable"):
+        funcsam.SDS(2, "loss")
     with pytest.raises(ValueError, match=r"k=5 is more than the batch's 4 examples"):
         funcsam.top_k_examples(batch, torch.zeros(4), 5)
 
@@ -365,8 +402,9 @@ def test_trainer_mode_takes_the_same_steps_in_both_apis(tmp_path, flags):
 @pytest.mark.parametrize("argv", [
     ["--sam-mode", "rst", "--rst-p", "1.5"], ["--sam-mode", "rst", "--rst-p-end", "nan"],
     ["--sam-mode", "rst", "--optim", "sgd"], ["--sam-mode", "looksam", "--sam-rho-scale"], ["--sam-rho-scale"],
-    ["--sam-mode", "ksam", "--ksam-k", "0"], ["--sam-mode", "ksam", "--batch-size", "32", "--ksam-k", "33"],
-    ["--sam-mode", "ksam", "--api", "adapter"], ["--sam-mode", "ksam", "--accumulate", "2"], ["--ksam-k", "4"],
+    ["--sam-mode", "ksam", "--select-k", "0"], ["--sam-mode", "ksam", "--batch-size", "32", "--select-k", "33"],
+    ["--sam-mode", "ksam", "--api", "adapter"], ["--sam-mode", "ksam", "--accumulate", "2"], ["--select-k", "4"],
+    ["--sam-mode", "sds", "--api", "adapter"], ["--sam-mode", "sds", "--m-sharpness", "2"],
 ])
 def test_trainer_refuses_bad_mode_flags(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -375,9 +413,10 @@ def test_trainer_refuses_bad_mode_flags(argv, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_trainer_ksam_trains_on_the_top_k_in_the_functional_api(tmp_path):
-    params = _trainer_run(tmp_path / "ksam", "--sam-mode", "ksam", "--ksam-k", "8")
-    recorded = json.loads((tmp_path / "ksam" / "args.json").read_text())
-    assert (recorded["sam_mode"], recorded["ksam_k"]) == ("ksam", 8)
+@pytest.mark.parametrize("mode, default_k", [("ksam", 32), ("sds", 64)])
+def test_trainer_selecting_modes_train_in_the_functional_api(tmp_path, mode, default_k):
+    params = _trainer_run(tmp_path / mode, "--sam-mode", mode, "--select-k", "8")
+    recorded = json.loads((tmp_path / mode / "args.json").read_text())
+    assert (recorded["sam_mode"], recorded["select_k"]) == (mode, 8)
     assert _differ(params, _trainer_run(tmp_path / "full", "--api", "functional"))
-    assert cifar10.parse_args(["--sam-mode", "ksam", "--batch-size", "128"]).ksam_k == 32  # a quarter by default
+    assert cifar10.parse_args(["--sam-mode", mode, "--batch-size", "128"]).select_k == default_k

@@ -5,8 +5,10 @@
     msam      funcsam.MSAM()                          gsam      funcsam.GSAM(--gsam-alpha)
     adaptive  funcsam.AESAM(the run's steps, --adaptive-delta): the threshold moves over the whole run
     rst       funcsam.RST(--rst-p, seed=--seed), or with --rst-p-end p_t rising linearly over the whole run
-    ksam      None: SAM on every step, on the --ksam-k examples of highest loss (the source funcsam.TopK,
+    ksam      None: SAM on every step, on the --select-k examples of highest loss (the source funcsam.TopK,
               which train.steppers.make_source builds; the functional API only)
+    sds       None: SAM on every step, the second pass on the --select-k examples whose loss rises most
+              (the source funcsam.SDS, ESAM's data selection; the functional API only)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ SAM_MODES: dict[str, Callable[[argparse.Namespace, int], funcsam.Mode | None]] =
         args.rst_p, seed=args.seed, p_end=args.rst_p_end,
         total_steps=None if args.rst_p_end is None else args.epochs * steps_per_epoch),
     "ksam": lambda args, steps_per_epoch: None,
+    "sds": lambda args, steps_per_epoch: None,
 }
 
 

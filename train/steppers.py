@@ -167,10 +167,12 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, co
 
 
 def make_source(args: argparse.Namespace, per_example_loss: Callable[[], Callable]):
-    """The gradient source of ``--m-sharpness`` / ``--accumulate`` / ``--sam-mode ksam`` (None: the batch
-    at once); ``per_example_loss()`` builds K-SAM's loss function with one loss per example."""
+    """The gradient source of ``--m-sharpness`` / ``--accumulate`` / ``--sam-mode ksam | sds`` (None: the
+    batch at once); ``per_example_loss()`` builds their loss function with one loss per example."""
     if args.sam_mode == "ksam":
-        return funcsam.TopK(args.ksam_k, per_example_loss())
+        return funcsam.TopK(args.select_k, per_example_loss())
+    if args.sam_mode == "sds":
+        return funcsam.SDS(args.select_k, per_example_loss())
     if args.m_sharpness > 1:
         return funcsam.MSharpness(args.m_sharpness)
     return funcsam.MicroBatches() if args.accumulate > 1 else None
