@@ -17,11 +17,12 @@ from .sgd import sgd_apply, sgd_direction
 # Modes: how a step spends its second pass.
 from . import modes
 from .modes import (
-    AESAM, GSAM, MSAM, AdaptiveState, Every, FullSAM, Late, LookSAM, LookSAMState, Mode, every, late, linear_threshold,
+    AESAM, GSAM, MSAM, RST, AdaptiveState, Every, FullSAM, Late, LookSAM, LookSAMState, Mode, every, late,
+    linear_threshold,
 )
 
-# Gradient sources: one batch, micro-batches, m-sharpness parts (replicas: SAMOptions.grad_reduce).
-from .sources import MicroBatches, MSharpness, OneBatch
+# Gradient sources: one batch, micro-batches, m-sharpness parts, K-SAM's top k (replicas: SAMOptions.grad_reduce).
+from .sources import SDS, MicroBatches, MSharpness, OneBatch, TopK, top_k_examples
 from .batching import shard_batch, split_batch
 
 # The named steps: sam_step with one mode or source.
@@ -52,8 +53,8 @@ __all__ = [
     "SAMOptions", "SAMStepOutput", "MomentumState", "init_momentum", "sam_step",
     "Adam", "AdamState", "SGD", "adam", "adam_update", "adamw", "sgd", "sgd_apply", "sgd_direction",
     "modes", "AESAM", "AdaptiveState", "Every", "FullSAM", "GSAM", "Late", "LookSAM", "LookSAMState", "MSAM", "Mode",
-    "every", "late", "linear_threshold",
-    "MicroBatches", "MSharpness", "OneBatch", "shard_batch", "split_batch",
+    "RST", "every", "late", "linear_threshold",
+    "MicroBatches", "MSharpness", "OneBatch", "SDS", "TopK", "shard_batch", "split_batch", "top_k_examples",
     "accumulated_sam_step", "adaptive_sam_step", "gsam_step", "init_adaptive", "init_looksam", "looksam_step",
     "m_sharpness_sam_step", "msam_step", "scheduled_sam_step",
     "SAM", "SAMOptimizer", "SAMSGD",

@@ -163,7 +163,8 @@ class SAMOptimizer(TwoHalves, torch.optim.Optimizer):
         groups = [(group, [p for p in group["params"] if p in momenta]) for group in self.param_groups]
         groups = [(group, params) for group, params in groups if params]
         vectors = sharding.local_views([momenta[p] for _, params in groups for p in params])
-        perturbed, ascent, _ = group_perturbation(groups, vectors, eta=self.eta, eps=self.eps, having="momentum")
+        perturbed, ascent, _ = group_perturbation(groups, vectors, eta=self.eta, eps=self.eps, having="momentum",
+                                                  rho_scale=self.mode.rho_scale)
         pre_step_buffers, unperturbed = buffers.snapshot(self.model), clone_all(perturbed)
         try:
             torch._foreach_sub_(perturbed, ascent)

@@ -4,6 +4,7 @@ Written once, here; the mode (:mod:`funcsam.modes`) and the source (:mod:`funcsa
 the two plugs, and the optimizers call the same mode hooks::
 
     setup  = prepare_step(params, loss_fn, rho, lr, base_state, base, options, loss_scale)
+    rho    = rho * mode.rho_scale                                        (every(k, scale_rho=True): rho * k)
     point  = w, or w - rho * m / ||m|| where the mode ascends along the momentum (MSAM)
     first  = source.first_pass(gradient, point, buffers, batch)          units g_k, loss, buffers, aux
     SAM step:   g_k reduced (sam_sync global) and unscaled, e_k = perturb(g_k),
@@ -117,6 +118,8 @@ def prepare_step(params: PyTree, loss_fn: Callable, rho, lr, base_state, base: B
 def run_pipeline(setup: StepSetup, mode: Mode, source: Any, own: Any, loss_fn: Callable, buffers: PyTree,
                  batch: Any, take_sam: bool) -> tuple[SAMStepOutput, Any]:
     """One step of ``mode`` over ``source``: ``(output with the base state, the mode's own state after)``."""
+    if mode.rho_scale != 1:
+        setup = setup._replace(rho=setup.rho * mode.rho_scale)
     gradient = gradient_fn(loss_fn, setup)
     perturbs = take_sam and not is_static_zero(setup.rho)
     point = setup.leaves
@@ -125,7 +128,8 @@ def run_pipeline(setup: StepSetup, mode: Mode, source: Any, own: Any, loss_fn: C
         point = torch._foreach_sub(setup.leaves, ascent)
     first = source.first_pass(gradient, point, buffers, batch)
     if perturbs and mode.ascent == "gradient":
-        result = two_pass_gradients(setup, mode, source, first.units, gradient, buffers, batch)
+        second_batch = batch if first.second_batch is None else first.second_batch  # TopK's k examples
+        result = two_pass_gradients(setup, mode, source, first.units, gradient, buffers, second_batch)
     else:
         result = one_pass_gradients(setup, first.units)
     finite = result.finite & torch.isfinite(first.loss)
@@ -246,6 +250,7 @@ def gradient_fn(loss_fn: Callable, setup: StepSetup):
             grads, (loss, new_buffers, aux_leaves) = _eager_grad(scaled_loss, leaves, buffers, batch, scale)
         return grads, (loss, new_buffers, unflatten(aux_spec["spec"], aux_leaves))
 
+    gradient.params_of = lambda leaves: unflatten(spec, leaves)  # for a source that calls a function of params
     return gradient
 
 

@@ -18,7 +18,7 @@ def make_loss_fn(
     criterion: Callable[[Tensor, Tensor], Tensor],
     *,
     autocast_dtype: torch.dtype | None = None,
-    memory_format: torch.memory_format | None = None,
+    memory_format: torch.memory_format | str | None = "auto",
 ) -> LossFn:
     """Build ``loss_fn(params, buffers, batch) -> (loss, (new_buffers, logits))``.
 
@@ -31,15 +31,20 @@ def make_loss_fn(
         autocast_dtype: if given (``torch.bfloat16`` or ``torch.float16``), the forward and the
             criterion run under ``torch.autocast`` on the inputs' device type. fp32 parameters
             still get fp32 gradients. fp16 needs loss scaling (``funcsam.init_loss_scale``).
-        memory_format: if given (``torch.channels_last`` or ``torch.channels_last_3d``), the forward
-            computes in that layout whatever layout the caller stores: every parameter and input of
-            its rank (4-D, resp. 5-D) is copied into it first (``Tensor.contiguous(memory_format=)``,
-            differentiable, so the gradients of the stored parameters are unchanged in value and
-            the parameters keep their layout). Meant for a step compiled whole over contiguous
-            (NCHW) storage: there inductor's layout choice for the convolutions does not reach the
-            backward half of a ``torch.func.grad`` graph, which then transposes every activation;
-            computing in channels_last removes that (a ResNet-20 gradient on the CPU: 457 -> 337 ms).
-            Storing the model and inputs channels_last (``model.to(memory_format=
+        memory_format: the layout the forward computes in. ``"auto"`` (default): under
+            ``torch.compile``, ``torch.channels_last`` for a model with 2-D convolutions
+            (``torch.channels_last_3d`` with 3-D ones only), as inductor's layout optimisation picks
+            for ``torch.compile(model)``; eager calls, and models without convolutions, compute in
+            the layout the tensors are stored in. ``torch.channels_last`` or
+            ``torch.channels_last_3d``: that layout, eager and compiled. ``None``: the stored layout
+            always (the opt-out). Computing in a layout copies every parameter and input of its rank
+            (4-D, resp. 5-D) into it first (``Tensor.contiguous(memory_format=)``, differentiable, so
+            the gradients of the stored parameters are unchanged in value and the parameters keep
+            their layout; a tensor already in it is not copied). Why compiled steps want it: over
+            contiguous (NCHW) storage, inductor's layout choice for the convolutions does not reach
+            the backward half of a ``torch.func.grad`` graph, which then transposes every
+            activation; computing in channels_last removes that (a ResNet-20 gradient on the CPU:
+            457 -> 337 ms). Storing the model and inputs channels_last (``model.to(memory_format=
             torch.channels_last)``) is faster still (293 ms) and needs no copy.
 
     ``batch`` is ``(inputs, targets)``. ``new_buffers`` holds the buffers after the forward pass
@@ -50,13 +55,18 @@ def make_loss_fn(
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not callable(criterion):
         raise TypeError(f"criterion must be callable as criterion(logits, targets), got {criterion!r}")
-    layout_rank = check_memory_format(memory_format)
+    compiled_format = convolution_memory_format(model) if memory_format == "auto" else memory_format
+    eager_format = None if memory_format == "auto" else memory_format
+    layout_ranks = {fmt: check_memory_format(fmt) for fmt in (compiled_format, eager_format)}
 
     def loss_fn(params: dict, buffers: dict, batch: Any):
         inputs, targets = unpack_batch(batch)
-        if layout_rank is not None:
-            params = {name: in_memory_format(p, memory_format, layout_rank) for name, p in params.items()}
-            inputs = in_memory_format(inputs, memory_format, layout_rank)
+        # A Python branch on a constant: dynamo traces is_compiling() as True, eager calls see False.
+        layout = compiled_format if torch.compiler.is_compiling() else eager_format
+        if layout is not None:
+            rank = layout_ranks[layout]
+            params = {name: in_memory_format(p, layout, rank) for name, p in params.items()}
+            inputs = in_memory_format(inputs, layout, rank)
         # functional_call writes BatchNorm's in-place running-stat updates into the tensors it is
         # given: hand it clones so that the caller's buffers stay as they were.
         new_buffers = dict(zip(buffers.keys(), clone_all(list(buffers.values()))))
@@ -93,9 +103,17 @@ def check_memory_format(memory_format: torch.memory_format | None) -> int | None
     if memory_format is None:
         return None
     if not any(memory_format is known for known in _LAYOUT_RANKS):
-        raise ValueError(f"memory_format must be None, torch.channels_last or torch.channels_last_3d, got "
-                         f"{memory_format!r}; leave it None to compute in the layout the tensors are stored in")
+        raise ValueError(f"memory_format must be \"auto\", None, torch.channels_last or torch.channels_last_3d, got "
+                         f"{memory_format!r}; None computes in the layout the tensors are stored in")
     return _LAYOUT_RANKS[memory_format]
+
+
+def convolution_memory_format(model: torch.nn.Module) -> torch.memory_format | None:
+    """The layout ``"auto"`` computes a compiled forward in: ``torch.channels_last`` if ``model`` has a
+    2-D convolution, ``torch.channels_last_3d`` if it has 3-D ones only, None without convolutions."""
+    ranks = {module.weight.dim() for module in model.modules()
+             if isinstance(module, torch.nn.modules.conv._ConvNd) and isinstance(module.weight, torch.Tensor)}
+    return torch.channels_last if 4 in ranks else torch.channels_last_3d if 5 in ranks else None
 
 
 def in_memory_format(x: Any, memory_format: torch.memory_format, rank: int) -> Any:

@@ -8,6 +8,10 @@ point (w, or MSAM's w + e) and, on SAM steps, the second pass at w + e_k for eac
                         g = sum_i (n_i / N) grad L_{B_i}                        1 unit
     MSharpness(m)       the batch cut into m equal parts, each perturbed by its own gradient
                         (Foret et al. 2020, section 4.1), two vmapped calls    m units
+    TopK(k, per_example_loss)   K-SAM (Ni et al. 2022): both passes on the k examples of highest
+                        loss at the point, found by a forward of the whole batch   1 unit
+    SDS(k, per_example_loss)    ESAM's data selection (Du et al. 2022): the second pass on the k
+                        examples whose loss rises most from w to w + e              1 unit
 
 Data-parallel replicas are the fourth source of gradients, and they compose with each of these:
 ``SAMOptions(grad_reduce=..., sam_sync=...)`` reduces what the source returns.
@@ -19,6 +23,8 @@ BatchNorm in training mode:
   For a mean-reduced loss without BatchNorm the step is the step on the concatenated batch.
 - ``MSharpness``: each part is normalised with its own statistics ("ghost" BatchNorm); the returned
   running statistics are the mean over parts of each part's update (integer buffers: part 0's).
+- ``TopK``: the selecting forward's statistics are discarded, the first pass's over the k kept.
+- ``SDS``: as ``OneBatch`` (the selecting forwards' statistics are discarded).
 """
 
 from __future__ import annotations
@@ -32,9 +38,11 @@ from .batching import batch_size, stack_parts
 from .hyperparameters import check_int
 from .tree import PyTree, Tensor, flatten, unflatten
 
-__all__ = ["FirstPass", "MSharpness", "MicroBatches", "OneBatch", "check_batch", "check_source"]
+__all__ = ["FirstPass", "MSharpness", "MicroBatches", "OneBatch", "SDS", "TopK", "check_batch", "check_source",
+           "top_k_examples"]
 
 # gradient(leaves, buffers, batch) -> (grads, (loss, new_buffers, aux)): the engine's differentiated loss.
+# gradient.params_of(leaves) rebuilds the params pytree, for a source that calls a function of it (TopK).
 Gradient = Callable[[list, PyTree, Any], tuple]
 
 
@@ -46,12 +54,15 @@ class FirstPass(NamedTuple):
         loss: 0-dim, the loss at the point (mean over the batch).
         new_buffers: the buffers after the pass (see the module docstring).
         aux: the loss function's aux over the whole batch, in batch order.
+        second_batch: what the source's second pass receives as its batch, where the source narrows
+            it (TopK's k examples; SDS's batch with the losses at w); None: the step's batch.
     """
 
     units: list
     loss: Tensor
     new_buffers: PyTree
     aux: Any
+    second_batch: Any = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +167,133 @@ class MSharpness:
         return [grad.mean(dim=0) for grad in part_grads]
 
 
-Source = OneBatch | MicroBatches | MSharpness
+@dataclass(frozen=True)
+class TopK:
+    """K-SAM (Ni et al. 2022, "K-SAM: Sharpness-Aware Minimization at the Speed of SGD", arXiv
+    2210.12864): both SAM gradients on the ``k`` examples of highest loss at the point::
+
+        l_i   = per_example_loss(w)_i            i = 1 .. B, one forward of the whole batch, no gradient
+        K     = the k indices of the largest l_i (torch.topk; ties to the lower index)
+        g     = grad L_K(w),   e = rho * g / (||g|| + eps),   g_sam = grad L_K(w + e)
+
+    A step costs a forward of B and two forward-backward passes of k (SAM: two of B). Counted in
+    forwards of B, a backward as two: 1 + 6k/B, against SGD's 3 and SAM's 6 (k = B/4: 2.5).
+    The step's ``loss`` is the mean of l over the whole batch and ``aux`` the selecting forward's
+    (the logits of all B examples, for accuracy); ``grad_norm`` is ||g|| of the k. A one-pass step
+    (rho 0, a schedule's base step) also trains on the k.
+
+    ``per_example_loss(params, buffers, batch) -> (losses, (new_buffers, aux))`` with ``losses`` of
+    shape ``(B,)``: ``funcsam.make_loss_fn(model, lambda logits, y: F.cross_entropy(logits, y,
+    reduction="none"))``; the step's own ``loss_fn`` (mean-reduced) computes both passes on the k.
+    The batch is a pytree of tensors with a leading batch dimension. In the optimizers, select the
+    examples yourself with :func:`top_k_examples` before ``optimizer.step(closure)``."""
+
+    k: int
+    per_example_loss: Callable
+
+    local = False
+
+    def __post_init__(self):
+        check_selection(self, "the number of highest-loss examples both SAM passes use")
+
+    def check(self, batch: Any) -> None:
+        check_selection_batch(self, batch)
+
+    def first_pass(self, gradient: Gradient, point: list, buffers: PyTree, batch: Any) -> FirstPass:
+        losses, aux = per_example_losses(self.per_example_loss, gradient.params_of(point), buffers, batch)
+        selected = top_k_examples(batch, losses, self.k)
+        grads, (_, new_buffers, _) = gradient(point, buffers, selected)
+        return FirstPass([grads], losses.detach().float().mean(), new_buffers, aux, selected)
+
+    def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree, batch: Any) -> list:
+        return OneBatch().second_pass(gradient, leaves, perturbations, buffers, batch)
+
+
+@dataclass(frozen=True)
+class SDS:
+    """ESAM's sharpness-sensitive data selection (Du et al. 2022, "Efficient Sharpness-aware
+    Minimization for Improved Training of Neural Networks", ICLR 2022, arXiv 2110.03141, section
+    3.2): the first pass on the whole batch, the second on the ``k`` examples whose loss the
+    perturbation raises most::
+
+        g     = grad L_B(w),   e = rho * g / (||g|| + eps)           the whole batch, as OneBatch
+        r_i   = l_i(w + e) - l_i(w)                                  two forwards of B, no gradient
+        K     = the k indices of the largest r_i,   g_sam = grad L_K(w + e)
+
+    The paper keeps the examples with r_i above a threshold set so that a fraction gamma of the
+    batch passes (its 0.5): that is k = gamma * B here. A step costs, in forwards of B (a backward
+    as two), 3 + 2 + 3k/B against SAM's 6 (k = B/2: 6.5; the selection pays off only where a
+    backward costs much more than two forwards, or with a smaller k). ESAM's other half, the
+    stochastic weight perturbation, is not part of it. ``per_example_loss`` is as for :class:`TopK`;
+    the step's loss, aux and statistics are the first pass's, over the whole batch."""
+
+    k: int
+    per_example_loss: Callable
+
+    local = False
+
+    def __post_init__(self):
+        check_selection(self, "the number of examples the second SAM pass uses, those whose loss rises most")
+
+    def check(self, batch: Any) -> None:
+        check_selection_batch(self, batch)
+
+    def first_pass(self, gradient: Gradient, point: list, buffers: PyTree, batch: Any) -> FirstPass:
+        first = OneBatch().first_pass(gradient, point, buffers, batch)
+        losses, _ = per_example_losses(self.per_example_loss, gradient.params_of(point), buffers, batch)
+        return first._replace(second_batch=(batch, losses))
+
+    def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree,
+                    batch_and_losses: tuple) -> list:
+        batch, losses_at_w = batch_and_losses
+        perturbed = torch._foreach_add(leaves, perturbations[0])
+        losses_at_w_plus_e, _ = per_example_losses(self.per_example_loss, gradient.params_of(perturbed), buffers, batch)
+        selected = top_k_examples(batch, losses_at_w_plus_e - losses_at_w, self.k)
+        return gradient(perturbed, buffers, selected)[0]
+
+
+def check_selection(source: TopK | SDS, meaning: str) -> None:
+    """A selecting source's fields: ``k`` an int >= 1, ``per_example_loss`` callable."""
+    check_int("k", source.k, minimum=1, meaning=meaning)
+    if not callable(source.per_example_loss):
+        raise TypeError("per_example_loss must be callable as per_example_loss(params, buffers, batch) -> "
+                        "(losses of shape (B,), (new_buffers, aux)), e.g. funcsam.make_loss_fn(model, "
+                        "lambda logits, y: F.cross_entropy(logits, y, reduction='none'))")
+
+
+def check_selection_batch(source: TopK | SDS, batch: Any) -> None:
+    check_batch(batch)
+    size = batch_size(batch)
+    if source.k > size:
+        raise ValueError(f"{type(source).__name__}(k={source.k}) needs batches of at least k examples, got a batch "
+                         f"of {size}: choose k <= {size}")
+
+
+def per_example_losses(per_example_loss: Callable, params: PyTree, buffers: PyTree, batch: Any) -> tuple[Tensor, Any]:
+    """``(losses, aux)`` of ``per_example_loss`` without gradients, checked to be one loss per example."""
+    with torch.no_grad():
+        losses, (_, aux) = per_example_loss(params, buffers, batch)
+    size = batch_size(batch)
+    if not (isinstance(losses, torch.Tensor) and losses.shape == (size,)):
+        got = f"shape {tuple(losses.shape)}" if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"per_example_loss must return one loss per example, a tensor of shape ({size},), got "
+                         f"{got}: build it with a criterion that does not reduce (reduction='none')")
+    return losses, aux
+
+
+def top_k_examples(batch: Any, losses: Tensor, k: int) -> Any:
+    """The ``k`` examples of ``batch`` with the largest ``losses`` (shape ``(B,)``), in decreasing
+    loss order: every leaf indexed along dim 0 with ``torch.topk(losses, k).indices``. K-SAM's
+    selection; with the optimizers, compute the losses without gradients and step on the result."""
+    check_int("k", k, minimum=1, meaning="the number of examples to keep")
+    if k > losses.shape[0]:
+        raise ValueError(f"k={k} is more than the batch's {losses.shape[0]} examples")
+    indices = torch.topk(losses.detach(), k).indices
+    leaves, spec = flatten(batch)
+    return unflatten(spec, [leaf.index_select(0, indices.to(leaf.device)) for leaf in leaves])
+
+
+Source = OneBatch | MicroBatches | MSharpness | TopK | SDS
 
 
 def check_source(source: Any) -> Source:
@@ -166,7 +303,8 @@ def check_source(source: Any) -> Source:
         return OneBatch()
     if all(hasattr(source, name) for name in ("check", "first_pass", "second_pass", "local")):
         return source
-    raise TypeError("source must be None (one batch), funcsam.MicroBatches() or funcsam.MSharpness(m), "
+    raise TypeError("source must be None (one batch), funcsam.MicroBatches(), funcsam.MSharpness(m), "
+                    "funcsam.TopK(k, per_example_loss) or funcsam.SDS(k, per_example_loss), "
                     f"got {type(source).__name__} {source!r:.80}")
 
 

@@ -5,7 +5,7 @@ groups that perturb (SAM-ON, :mod:`funcsam.sam_on`: a group with ``perturb=False
 perturbed nor part of the norm, and still descends)::
 
     a_G, n_G = v_G, v_G                       (ASAM: T^2 v_G, T v_G with T = |w_G| + eta)
-    e_G      = rho_G * a_G / (||n|| + eps)    ||n|| over every group that perturbs
+    e_G      = s * rho_G * a_G / (||n|| + eps)    ||n|| over every group that perturbs; s the mode's rho_scale
 
 ``v`` is the gradient at w for SAM's ascent (:func:`climb`, the first half of a SAM step), the base
 optimizer's momentum for MSAM's (:func:`group_perturbation`). :func:`climb` keeps what it takes to
@@ -91,7 +91,7 @@ class TwoHalves:
         grads = unscaled_grads(params, inverse_scale(grad_scaler))
         first = (clone_all(grads) if keep_grads else grads) if self.mode.uses_first_gradient else None
         self._perturbed = climb(groups, grads, first, eta=self.eta, eps=self.eps, model=self.model,
-                                pre_step_buffers=pre_step_buffers)
+                                pre_step_buffers=pre_step_buffers, rho_scale=self.mode.rho_scale)
 
     def _come_back(self) -> None:
         """Undo a climb whose second half will not come: params (and buffers) as before it."""
@@ -126,11 +126,12 @@ class TwoHalves:
 
 
 def climb(groups: list, grads: list, first_grads: list | None, *, eta: float, eps: float,
-          model: torch.nn.Module | None, pre_step_buffers: list | None) -> Perturbed:
+          model: torch.nn.Module | None, pre_step_buffers: list | None, rho_scale: float = 1.0) -> Perturbed:
     """Move the params of ``groups`` (flat, aligned with the unscaled ``grads``) to w + e, returning
-    the snapshot that :func:`come_back` and the descent need."""
+    the snapshot that :func:`come_back` and the descent need (``rho_scale``: the mode's)."""
     params = [p for _, group_params in groups for p in group_params]
-    targets, ascent, norm = group_perturbation(groups, grads, eta=eta, eps=eps, having="a gradient")
+    targets, ascent, norm = group_perturbation(groups, grads, eta=eta, eps=eps, having="a gradient",
+                                               rho_scale=rho_scale)
     plain = len(targets) == len(params) and not any(group["adaptive"] for group, _ in groups)
     perturbed = Perturbed(groups, params, clone_all(sharding.local_views(params)), norm, first_grads,
                           norm if plain else None,
@@ -145,11 +146,12 @@ def come_back(perturbed: Perturbed, model: torch.nn.Module | None, saved_buffers
     buffers.restore(model, saved_buffers)
 
 
-def group_perturbation(groups: list, vectors: list, *, eta: float, eps: float,
-                       having: str) -> tuple[list, list, Tensor]:
+def group_perturbation(groups: list, vectors: list, *, eta: float, eps: float, having: str,
+                       rho_scale: float = 1.0) -> tuple[list, list, Tensor]:
     """``(params, e, ||n||)`` over the groups of ``groups`` that perturb: their params and perturbations
     (flat), and the global norm (module docstring). ``vectors`` are v, flat over every group's params;
-    ``having`` says which params the groups hold, for the error when none perturbs."""
+    ``having`` says which params the groups hold, for the error when none perturbs; ``rho_scale``
+    multiplies every group's rho (the mode's :attr:`funcsam.Mode.rho_scale`)."""
     targets, ascent, perturbing, normed, start = [], [], [], [], 0
     for group, params in groups:
         end = start + len(params)
@@ -165,7 +167,8 @@ def group_perturbation(groups: list, vectors: list, *, eta: float, eps: float,
                          "Set perturb=True on the groups to perturb (funcsam.sam_on.sam_on_param_groups)")
     norm = global_norm(normed)
     for group, direction in perturbing:
-        ascent += sam_perturbation(direction, norm, group["rho"], eps)
+        rho = group["rho"] if rho_scale == 1 else group["rho"] * rho_scale
+        ascent += sam_perturbation(direction, norm, rho, eps)
     return targets, ascent, norm
 
 

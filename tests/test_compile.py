@@ -9,7 +9,7 @@ import funcsam
 from helpers import assert_trees_close, bn_convnet, classification_batches, params_and_buffers
 
 
-def _train(step_fn, model, batches, lrs, rhos, loss_scale=None, memory_format=None):
+def _train(step_fn, model, batches, lrs, rhos, loss_scale=None, memory_format="auto"):
     params, buffers = params_and_buffers(model)
     loss_fn = funcsam.make_loss_fn(model, F.cross_entropy, memory_format=memory_format)
     state = funcsam.init_momentum(params)

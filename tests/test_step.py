@@ -231,8 +231,8 @@ def test_make_loss_fn_rejects_bad_arguments():
         funcsam.make_loss_fn(lambda x: x, F.cross_entropy)
     with pytest.raises(TypeError, match="criterion"):
         funcsam.make_loss_fn(mlp(), "cross_entropy")
-    for bad in (torch.preserve_format, torch.contiguous_format, "channels_last", [4]):
-        with pytest.raises(ValueError, match="memory_format must be None, torch.channels_last"):
+    for bad in (torch.preserve_format, torch.contiguous_format, "channels_last", "Auto", [4]):
+        with pytest.raises(ValueError, match='memory_format must be "auto", None, torch.channels_last'):
             funcsam.make_loss_fn(mlp(), F.cross_entropy, memory_format=bad)
 
 
@@ -264,6 +264,44 @@ def test_loss_fn_computing_in_channels_last_gives_the_same_sam_steps():
     assert_trees_close(p0, p1, atol=1e-5)
     assert_trees_close(b0, b1, atol=1e-5)
     torch.testing.assert_close(l0, l1)
+
+
+def _layouts_the_compiled_forward_converts_to(loss_fn, params, buffers, batch) -> set:
+    """The memory formats the graph dynamo captures of ``loss_fn`` converts tensors to."""
+    graphs = []
+
+    def capture(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(loss_fn, backend=capture, fullgraph=True)(params, buffers, batch)
+    return {node.kwargs["memory_format"] for gm in graphs for node in gm.graph.nodes
+            if node.target == "contiguous" and "memory_format" in node.kwargs}
+
+
+@pytest.mark.parametrize("model, batch_shape, memory_format, converts", [
+    (bn_convnet, (3, 6, 6), "auto", {torch.channels_last}),
+    (bn_convnet, (3, 6, 6), None, set()),
+    (lambda: nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.Flatten(), nn.Linear(3 * 4 * 4 * 4, 2)), (2, 4, 4, 4),
+     "auto", {torch.channels_last_3d}),
+    (mlp, (6,), "auto", set()),
+], ids=["conv2d-auto", "conv2d-opt-out", "conv3d-auto", "mlp-auto"])
+def test_auto_memory_format_computes_compiled_convolutions_in_channels_last(model, batch_shape, memory_format,
+                                                                           converts):
+    """"auto" (the default) does for a compiled loss function what inductor's layout optimisation does
+    for torch.compile(model): a model with convolutions computes in channels_last (3-D: channels_last_3d);
+    None opts out; a model without convolutions is left alone. Eager calls compute as stored."""
+    module = model()
+    params, buffers = params_and_buffers(module)
+    batch = classification_batches(1, 4, batch_shape, classes=2)[0]
+    loss_fn = funcsam.make_loss_fn(module, F.cross_entropy, memory_format=memory_format)
+    assert _layouts_the_compiled_forward_converts_to(loss_fn, params, buffers, batch) == converts
+    seen = []
+    first = next(m for m in module.modules() if not list(m.children()))
+    first.register_forward_pre_hook(lambda m, args: seen.append(args[0].is_contiguous()))
+    loss_fn(params, buffers, batch)
+    assert seen == [True]  # eager: the stored (contiguous) layout, no copy
 
 
 def test_loss_fn_in_channels_last_3d_converts_5d_tensors_only():

@@ -14,9 +14,10 @@ from train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 
 WORKER = Path(__file__).with_name("train_fsdp_worker.py")
 REPO = Path(__file__).resolve().parents[1]
-# LookSAM over AdamW: the base state and LookSAM's g_v (per parameter) both sharded, both checkpointed.
+# LookSAM over AdamW: the base state and LookSAM's g_v (per parameter) both sharded, both checkpointed;
+# channels_last (the default) too, whose NHWC weights fully_shard cannot take as they are.
 FSDP_ARGS = ["--dataset", "synthetic", "--model", "tiny", "--synthetic-size", "512", "--batch-size", "32",
-             "--epochs", "2", "--warmup-epochs", "1", "--limit-steps", "4", "--device", "cpu", "--no-channels-last",
+             "--epochs", "2", "--warmup-epochs", "1", "--limit-steps", "4", "--device", "cpu",
              "--api", "adapter", "--fsdp", "--base", "adamw", "--sam-mode", "looksam", "--sam-every", "2"]
 
 
@@ -40,6 +41,8 @@ def test_fsdp_run_crashed_and_resumed_ends_where_the_uninterrupted_one_does(tmp_
     ([], "one process"),
     (["--compile"], "--compile"),
     (["--accumulate", "2"], "--accumulate 2"),
+    (["--sam-sync", "local"], "--sam-sync local"),
+    (["--sync-bn"], "--sync-bn"),
 ])
 def test_fsdp_refuses_what_it_cannot_run(tmp_path, capsys, extra, refused):
     code = cifar10.main([*FSDP_ARGS, "--out", str(tmp_path / "run"), *extra])

@@ -48,7 +48,8 @@ def assert_same_trajectory(run_a: Path, run_b: Path) -> None:
 
 @pytest.mark.parametrize("api, base, mode", [("functional", "sgd", "full"), ("adapter", "sgd", "full"),
                                             ("adapter", "adamw", "full"), ("functional", "adamw", "looksam"),
-                                            ("adapter", "sgd", "looksam"), ("adapter", "sgd", "adaptive")])
+                                            ("adapter", "sgd", "looksam"), ("adapter", "sgd", "adaptive"),
+                                            ("adapter", "sgd", "rst"), ("functional", "sgd", "ksam")])
 def test_resume_after_a_crash_equals_the_uninterrupted_run(tmp_path, monkeypatch, api, base, mode):
     run = ("--api", api, "--base", base, "--sam-mode", mode, "--sam-every", "3")
     assert cifar10.main(tiny_args(tmp_path / "straight", *run)) == 0

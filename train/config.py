@@ -30,12 +30,16 @@ RUN_DEFINING_ARGS = (
     "weight_decay", "nesterov", "warmup_epochs", "label_smoothing", "cutout", "amp", "dataset",
     "seed", "limit_steps", "synthetic_size", "sam_sync", "sync_bn", "m_sharpness", "accumulate", "world_size",
     "sam_mode", "sam_every", "sam_start_epoch", "looksam_alpha", "gsam_alpha", "sam_on", "adaptive_delta",
-    "fsdp",
+    "fsdp", "rst_p", "rst_p_end", "sam_rho_scale", "select_k",
 )
 # What a checkpoint written before a run-defining argument existed ran with.
 PRE_EXISTING_DEFAULTS = dict(sam_sync="global", sync_bn=False, m_sharpness=1, accumulate=1, world_size=1,
                              base="sgd", betas=[0.9, 0.999], sam_mode="full", sam_every=5, sam_start_epoch=0,
-                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False)
+                             looksam_alpha=0.7, gsam_alpha=0.2, sam_on=False, adaptive_delta=0.9, fsdp=False,
+                             rst_p=0.5, rst_p_end=None, sam_rho_scale=False,
+                             select_k=None)
+# The --sam-mode values that select examples (gradient sources), and their default --select-k: B / this.
+SELECTING_MODES = {"ksam": 4, "sds": 2}
 # The AdamW recipe's learning rate and weight decay, used when --base adamw is given without them.
 ADAMW_DEFAULTS = dict(lr=1e-3, weight_decay=0.05)
 
@@ -153,9 +157,15 @@ def build_parser() -> argparse.ArgumentParser:
                               "gradient every --sam-every steps and its extra direction reused between; msam: "
                               "momentum-SAM, one pass perturbed along the momentum; gsam: GSAM, SAM with a "
                               "surrogate-gap ascent (--gsam-alpha); adaptive: AE-SAM, SAM only when the squared "
-                              "gradient norm is high against its running statistics (not ASAM: that is --adaptive)")
+                              "gradient norm is high against its running statistics (not ASAM: that is --adaptive); "
+                              "rst: randomized SAM, SAM with probability --rst-p (a hash of --seed and the step); "
+                              "ksam: K-SAM, both SAM passes on the --select-k examples of highest loss; sds: ESAM's "
+                              "data selection, the second pass on the --select-k examples whose loss rises most")
     cheaper.add_argument("--sam-every", type=int, default=5, metavar="K",
                          help="--sam-mode every / looksam: SAM on steps 0, K, 2K, ...")
+    cheaper.add_argument("--sam-rho-scale", action="store_true",
+                         help="--sam-mode every: SAM steps perturb with --rho times K (Composer's advice: rho 0.5 at "
+                              "interval 10 on ImageNet)")
     cheaper.add_argument("--sam-start-epoch", type=int, default=None, metavar="E",
                          help="--sam-mode late: the first epoch (0-based) with SAM; default: the last tenth of "
                               "the run (at least one epoch)")
@@ -163,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
     cheaper.add_argument("--gsam-alpha", type=float, default=0.2, help="--sam-mode gsam: the weight of the gap ascent")
     cheaper.add_argument("--adaptive-delta", type=float, default=0.9,
                          help="--sam-mode adaptive: the decay of the running mean and variance of the squared gradient norm")
+    cheaper.add_argument("--rst-p", type=float, default=0.5, metavar="P",
+                         help="--sam-mode rst: the probability of a SAM step (at step 0 with --rst-p-end)")
+    cheaper.add_argument("--rst-p-end", type=float, default=None, metavar="P",
+                         help="--sam-mode rst: the probability at the run's last step, reached linearly from --rst-p "
+                              "(default: --rst-p throughout)")
+    cheaper.add_argument("--select-k", type=int, default=None, metavar="K",
+                         help="--sam-mode ksam / sds: the examples per batch (per process) both SAM passes (ksam) "
+                              "or the second (sds) use; default: a quarter (ksam) or half (sds) of --batch-size")
     cheaper.add_argument("--sam-on", action="store_true",
                          help="SAM-ON: perturb only the normalisation layers' parameters (with any --sam-mode)")
     beyond = p.add_argument_group(
@@ -287,10 +305,37 @@ def check_sam_mode(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
     if not 0 <= args.adaptive_delta < 1:
         raise UsageError(f"--adaptive-delta must be in [0, 1), got {args.adaptive_delta}")
+    for name in ("rst_p", "rst_p_end"):
+        value = getattr(args, name)
+        if value is not None and not 0 <= value <= 1:  # NaN fails too
+            raise UsageError(f"--{name.replace('_', '-')} must be a probability in [0, 1], got {value}")
+    if args.sam_rho_scale and args.sam_mode != "every":
+        raise UsageError(f"--sam-rho-scale scales rho by --sam-every for --sam-mode every; --sam-mode {args.sam_mode} "
+                         "does not take it (pass the rho you want with --rho)")
+    check_selection(args)
     if args.sam_mode != "full" and args.optim == "sgd":
         raise UsageError(f"--sam-mode {args.sam_mode} needs --optim sam: --optim sgd is the base optimizer alone")
     if args.sam_mode == "msam" and args.base == "sgd" and args.momentum == 0:
         raise UsageError("--sam-mode msam perturbs along the momentum: it needs --momentum > 0 (or --base adamw)")
+
+
+def check_selection(args: argparse.Namespace) -> None:
+    """--sam-mode ksam / sds and --select-k; resolves the default --select-k (recorded as what ran)."""
+    if args.sam_mode not in SELECTING_MODES:
+        if args.select_k is not None:
+            raise UsageError(f"--select-k is for --sam-mode ksam or sds, not --sam-mode {args.sam_mode}")
+        return
+    if args.select_k is None:
+        args.select_k = max(1, args.batch_size // SELECTING_MODES[args.sam_mode])
+    if not 1 <= args.select_k <= args.batch_size:
+        raise UsageError(f"--select-k must be in [1, --batch-size={args.batch_size}], got {args.select_k}")
+    if args.api != "functional":
+        raise UsageError(f"--sam-mode {args.sam_mode} runs in --api functional only (it is a gradient source of "
+                         "funcsam.sam_step; with the optimizers, select the batch with funcsam.top_k_examples in "
+                         "a loop of your own)")
+    if args.accumulate > 1 or args.m_sharpness > 1:
+        raise UsageError(f"--sam-mode {args.sam_mode} picks the examples of its passes, which --accumulate and "
+                         "--m-sharpness pick as well: use one of them")
 
 
 def check_compile_scope(args: argparse.Namespace) -> None:

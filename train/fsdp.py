@@ -27,6 +27,9 @@ from train.steppers import AdapterStepper, detached
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` sharded in place over every process: ``fully_shard`` on each top-level child that has
     parameters (a stage of blocks, a layer), then on the root, as torchtitan shards a model."""
+    # fully_shard takes contiguous parameters only: --channels-last's NHWC weights go back to NCHW
+    # storage (the inputs stay channels_last; the checkpoint's values do not depend on the layout).
+    model = model.to(memory_format=torch.contiguous_format)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     for child in model.children():
         if any(True for _ in child.parameters()):

@@ -86,8 +86,8 @@ def memory_format(args: argparse.Namespace) -> torch.memory_format:
     return torch.channels_last if args.channels_last else torch.contiguous_format
 
 
-def make_criterion(args: argparse.Namespace) -> Callable:
-    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing)
+def make_criterion(args: argparse.Namespace, reduction: str = "mean") -> Callable:
+    return lambda logits, y: F.cross_entropy(logits, y, label_smoothing=args.label_smoothing, reduction=reduction)
 
 
 def make_stepper(args, model, lr_at: Callable[[int], float], mean, std, device, grad_reduce=None, *,
@@ -155,7 +155,10 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, co
     loss_fn = funcsam.make_loss_fn(model, criterion, autocast_dtype=autocast_dtype(args.amp))
     if compile_loss:
         loss_fn = compile_training(loss_fn, args, fullgraph=True)
-    base, source = make_base(args), make_source(args)
+    base = make_base(args)
+    per_example_criterion = make_criterion(args, reduction="none")
+    source = make_source(args, lambda: funcsam.make_loss_fn(model, per_example_criterion,
+                                                           autocast_dtype=autocast_dtype(args.amp)))
     options = funcsam.SAMOptions(adaptive=args.adaptive, grad_reduce=grad_reduce, sam_sync=args.sam_sync,
                                  perturb_mask=funcsam.norm_layer_mask(model) if args.sam_on else None)
     split = (lambda batch: funcsam.split_batch(batch, args.accumulate)) if args.accumulate > 1 else (lambda batch: batch)
@@ -173,8 +176,13 @@ def make_functional_step(model, args, criterion, mean, std, grad_reduce=None, co
     return step
 
 
-def make_source(args: argparse.Namespace):
-    """The gradient source of ``--m-sharpness`` / ``--accumulate`` (None: the batch at once)."""
+def make_source(args: argparse.Namespace, per_example_loss: Callable[[], Callable]):
+    """The gradient source of ``--m-sharpness`` / ``--accumulate`` / ``--sam-mode ksam | sds`` (None: the
+    batch at once); ``per_example_loss()`` builds their loss function with one loss per example."""
+    if args.sam_mode == "ksam":
+        return funcsam.TopK(args.select_k, per_example_loss())
+    if args.sam_mode == "sds":
+        return funcsam.SDS(args.select_k, per_example_loss())
     if args.m_sharpness > 1:
         return funcsam.MSharpness(args.m_sharpness)
     return funcsam.MicroBatches() if args.accumulate > 1 else None

@@ -165,7 +165,8 @@ def climb_to_perturbed_point(sam: SAM, grad_scaler: torch.amp.GradScaler | None)
     groups = with_gradients(sam.param_groups, "the backward passes at w")
     params = [p for _, group_params in groups for p in group_params]
     grads = unscaled_grads(params, inverse_scale(grad_scaler))
-    return climb(groups, grads, None, eta=sam.eta, eps=sam.eps, model=sam.model, pre_step_buffers=None)
+    return climb(groups, grads, None, eta=sam.eta, eps=sam.eps, model=sam.model, pre_step_buffers=None,
+                 rho_scale=sam.mode.rho_scale)
 
 
 def check_trainer_sam(sam: SAM) -> None:

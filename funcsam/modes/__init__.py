@@ -7,6 +7,7 @@ objects in ``funcsam.sam_step(mode=...)``, ``funcsam.SAM``/``SAMSGD(mode=...)`` 
     MSAM()                  one pass at w - rho * m / ||m||, m the base optimizer's momentum
     GSAM(alpha)             SAM's two passes, then d = g_sam - alpha * g_orth
     AESAM(total_steps)      SAM where ||g||^2 is high against its running statistics, the base step elsewhere
+    RST(p, seed)            SAM with probability p_t (a hash of (seed, step)), the base step otherwise
 
 :mod:`funcsam.modes.protocol` says what a mode is (its hooks and state).
 """
@@ -15,11 +16,12 @@ from .aesam import AESAM, AdaptiveState, AdaptiveStatistics, adaptive_statistics
 from .gsam import GSAM, gsam_direction
 from .looksam import LookSAM, LookSAMState, looksam_estimate, orthogonal_part
 from .msam import MSAM
+from .randomized import RST, uniform_draw
 from .protocol import FullSAM, Mode, StepGradients, check_mode
 from .schedules import Every, Late, every, late
 
 __all__ = [
     "AESAM", "AdaptiveState", "AdaptiveStatistics", "Every", "FullSAM", "GSAM", "Late", "LookSAM", "LookSAMState",
-    "MSAM", "Mode", "StepGradients", "adaptive_statistics", "check_mode", "every", "gsam_direction", "late",
-    "linear_threshold", "looksam_estimate", "orthogonal_part",
+    "MSAM", "Mode", "RST", "StepGradients", "adaptive_statistics", "check_mode", "every", "gsam_direction", "late",
+    "linear_threshold", "looksam_estimate", "orthogonal_part", "uniform_draw",
 ]

@@ -3,7 +3,7 @@
 A step of any mode, over flat leaf lists (``g = grad L(w)``; ``g_sam = grad L(w + e)`` on SAM steps)::
 
     take = mode.takes_sam(step, state)            host side, a Python bool: two passes, or one
-    e    = rho * <ascent> / ||<ascent>||          <ascent> is g, or the base's momentum (mode.ascent)
+    e    = rho * mode.rho_scale * <ascent> / ||<ascent>||     <ascent> is g, or the base's momentum (mode.ascent)
     d, s = mode.direction(gradients, s, eps)      what the base applies: g_sam, GSAM's d, LookSAM's estimate
     s    = mode.observe(s_before, s, gradients, finite)      AE-SAM's statistics; a skipped step keeps s
     w    = base.update(w, d)
@@ -61,6 +61,8 @@ class Mode:
         own_type: the mode's own state NamedTuple, or None.
         per_parameter: the fields of ``own_type`` that hold one tensor per parameter.
         checkpoint_key: the key of the own state in an optimizer's ``state_dict()["funcsam"]``.
+        rho_scale: the factor on rho wherever a step perturbs (1; ``every(k, scale_rho=True)``: k),
+            read by the pure step, the optimizers' climb and MSAM's ascent alike.
         example: how to build one, for messages (``"funcsam.LookSAM(k=5, alpha=0.7)"``).
     """
 
@@ -71,6 +73,7 @@ class Mode:
     own_type: ClassVar[Any] = None
     per_parameter: ClassVar[tuple[str, ...]] = ()
     checkpoint_key: ClassVar[str | None] = None
+    rho_scale: ClassVar[float] = 1.0
     example: ClassVar[str] = "funcsam.FullSAM()"
 
     # --- host side ------------------------------------------------------------------------------
@@ -188,7 +191,8 @@ def check_mode(mode: Any) -> Mode:
         raise TypeError(f"mode must be a mode object, e.g. mode={example}, not {mode.__name__} itself")
     raise TypeError(
         "mode must be None (SAM on every step), funcsam.every(k), funcsam.late(start_step), funcsam.LookSAM(k, alpha), "
-        f"funcsam.MSAM(), funcsam.GSAM(alpha) or funcsam.AESAM(total_steps), got {type(mode).__name__} {mode!r:.80}"
+        "funcsam.MSAM(), funcsam.GSAM(alpha), funcsam.AESAM(total_steps) or funcsam.RST(p), "
+        f"got {type(mode).__name__} {mode!r:.80}"
     )
 
 
