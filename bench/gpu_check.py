@@ -38,6 +38,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def plan(out: Path, device: str, tiny: bool) -> dict[str, dict]:
 
 
 def warm_argv(out: Path, device: str, model: str, amp: str, mode: str) -> list[str]:
-    """A one-step trainer run of a train_* stage's configuration: what it compiles, nothing timed."""
+    """A one-step trainer run of a train_* stage's configuration: what it compiles, nothing timed. Its run
+    folder (a WRN-28-10 checkpoint is 300 MB) goes under ``out``: a temporary folder, not the results'."""
     return [sys.executable, "-m", "train.cifar10", "--dataset", "synthetic", "--model", model, "--synthetic-size",
             "256", "--batch-size", "128", "--epochs", "1", "--warmup-epochs", "1", "--limit-steps", "1",
             "--device", device, "--optim", "sam", "--api", "functional", "--compile", "--amp", amp,
@@ -104,8 +106,8 @@ def start_warming(out: Path, device: str, names: list[str]) -> list[tuple[str, s
     for name, model, amp, mode in TRAIN_RUNS:
         if name in names:
             log = open(out / f"warm_{name}.log", "w")
-            runs.append((name, subprocess.Popen(warm_argv(out, device, model, amp, mode), cwd=REPO, stdout=log,
-                                                stderr=subprocess.STDOUT, env=child_env())))
+            argv = warm_argv(Path(tempfile.mkdtemp(prefix="gpu_check_warm_")), device, model, amp, mode)
+            runs.append((name, subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=child_env())))
     return runs
 
 
