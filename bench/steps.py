@@ -123,7 +123,7 @@ def peer_sam_step(model, batch, compile_model: bool = False) -> Callable[[], obj
 
 
 def functional_step(model, batch, *, rho, compile: bool, base: str = "sgd", compile_loss: bool = False,
-                    loss_memory_format: torch.memory_format | None = None) -> Callable[[], object]:
+                    loss_memory_format: torch.memory_format | str | None = "auto") -> Callable[[], object]:
     """``sam_step`` compiled whole (``compile``), or eager around a compiled loss function
     (``compile_loss``: forward and backward one training graph each pass, as ``torch.compile(model)``);
     ``loss_memory_format`` goes to ``make_loss_fn`` (the forward computes in it, whatever the storage)."""
@@ -160,8 +160,8 @@ VARIANTS = {
     "sam_step (eager)": lambda m, b: functional_step(m, b, rho=RHO, compile=False),
     "SGD via sam_step rho=0 (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True),
     "sam_step (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True),
-    "sam_step, loss in channels_last (compiled)": lambda m, b: functional_step(
-        m, b, rho=RHO, compile=True, loss_memory_format=torch.channels_last),
+    "sam_step, memory_format=None (compiled)": lambda m, b: functional_step(
+        m, b, rho=RHO, compile=True, loss_memory_format=None),
     "sam_step around compile(loss_fn) (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=False,
                                                                                compile_loss=True),
     "compile(model) + torch.optim.SGD (compiled)": lambda m, b: torch_step(m, b, "sgd", compile_model=True),
@@ -174,8 +174,8 @@ VARIANTS = {
     "AdamW via sam_step rho=0 base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=0.0, compile=True,
                                                                                      base="adamw"),
     "sam_step base=adamw (compiled)": lambda m, b: functional_step(m, b, rho=RHO, compile=True, base="adamw"),
-    "sam_step base=adamw, loss in channels_last (compiled)": lambda m, b: functional_step(
-        m, b, rho=RHO, compile=True, base="adamw", loss_memory_format=torch.channels_last),
+    "sam_step base=adamw, memory_format=None (compiled)": lambda m, b: functional_step(
+        m, b, rho=RHO, compile=True, base="adamw", loss_memory_format=None),
     "sam_step base=adamw around compile(loss_fn) (compiled)": lambda m, b: functional_step(
         m, b, rho=RHO, compile=False, base="adamw", compile_loss=True),
     "compile(model) + torch.optim.AdamW (compiled)": lambda m, b: torch_step(m, b, "adamw", compile_model=True),
