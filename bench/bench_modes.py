@@ -599,12 +599,23 @@ def table(result: dict) -> str:
     if any(r["cost_used_fallback"] for r in result["modes"].values()):
         lines.append("* a kind of step the timing did not see took the base's (1 pass) or full SAM's (2 passes) "
                      "median.")
+    lines.append(eigen_convergence(result))
     for note in result["not_included"]:
         lines.append(f"- {note}")
     lines.append(f"Load average (1 min) before / after training / after timing: "
                  f"{load['before'][0]} / {load['after_training'][0]} / {load['after_timing'][0]} "
                  f"on {result['machine']['cpus']} CPUs, {result['machine']['threads']} torch thread(s).")
     return "\n".join(lines)
+
+
+def eigen_convergence(result: dict) -> str:
+    """How many runs' power iterations settled (relative change < 1e-3) within the allowed iterations."""
+    runs = [run for r in result["modes"].values() for run in r["runs"]]
+    converged = [run["eigen_iterations"] for run in runs if run["eigen_converged"]]
+    iters = result["settings"].get("eigen_iters", 20)
+    settled = f", after {min(converged)}-{max(converged)} of them" if converged else ""
+    return (f"Top eigenvalue: power iteration converged (relative change < 1e-3) in {len(converged)} of "
+            f"{len(runs)} runs within {iters} iterations{settled}; the others report the last Rayleigh quotient.")
 
 
 def points(mean: float | None, std: float | None) -> str:
