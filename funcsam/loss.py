@@ -116,9 +116,16 @@ def convolution_memory_format(model: torch.nn.Module) -> torch.memory_format | N
     return torch.channels_last if 4 in ranks else torch.channels_last_3d if 5 in ranks else None
 
 
+# (channels to the end, and back): permute, contiguous, permute back lays a tensor out as
+# .contiguous(memory_format=channels_last[_3d]) does, and also works under torch.func.vmap (m-sharpness
+# parts), which has no batching rule for a clone into a memory format.
+_CHANNELS_LAST_PERMUTATIONS = {4: ((0, 2, 3, 1), (0, 3, 1, 2)), 5: ((0, 2, 3, 4, 1), (0, 4, 1, 2, 3))}
+
+
 def in_memory_format(x: Any, memory_format: torch.memory_format, rank: int) -> Any:
     """``x`` in ``memory_format`` if it is a tensor of ``rank`` dimensions, else ``x`` as it is.
     Differentiable: a copy, or the tensor itself when it is already in that layout."""
     if isinstance(x, torch.Tensor) and x.dim() == rank:
-        return x.contiguous(memory_format=memory_format)
+        to_last, back = _CHANNELS_LAST_PERMUTATIONS[rank]
+        return x.permute(to_last).contiguous().permute(back)
     return x

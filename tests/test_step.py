@@ -276,8 +276,10 @@ def _layouts_the_compiled_forward_converts_to(loss_fn, params, buffers, batch) -
 
     torch._dynamo.reset()
     torch.compile(loss_fn, backend=capture, fullgraph=True)(params, buffers, batch)
-    return {node.kwargs["memory_format"] for gm in graphs for node in gm.graph.nodes
-            if node.target == "contiguous" and "memory_format" in node.kwargs}
+    to_last = {(0, 2, 3, 1): torch.channels_last, (0, 2, 3, 4, 1): torch.channels_last_3d}
+    dims = [tuple(node.args[1]) if len(node.args) == 2 and isinstance(node.args[1], (tuple, list))
+            else tuple(node.args[1:]) for gm in graphs for node in gm.graph.nodes if node.target == "permute"]
+    return {to_last[d] for d in dims if d in to_last}
 
 
 @pytest.mark.parametrize("model, batch_shape, memory_format, converts", [

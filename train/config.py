@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="--sam-mode rst: the probability of a SAM step (at step 0 with --rst-p-end)")
     cheaper.add_argument("--rst-p-end", type=float, default=None, metavar="P",
                          help="--sam-mode rst: the probability at the run's last step, reached linearly from --rst-p "
-                              "(default: --rst-p throughout)")
+                              "(unset: --rst-p throughout)")
     cheaper.add_argument("--select-k", type=int, default=None, metavar="K",
                          help="--sam-mode ksam / sds: the examples per batch (per process) both SAM passes (ksam) "
                               "or the second (sds) use; default: a quarter (ksam) or half (sds) of --batch-size")
