@@ -6,6 +6,7 @@ import copy
 import functools
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -381,10 +382,16 @@ def two_process_runs(tmp_path_factory) -> Path:
     out_dir = tmp_path_factory.mktemp("two_processes")
     code = f"import test_integration_hf; test_integration_hf.train_on_each_process({str(out_dir)!r})"
     tests = Path(__file__).resolve().parent
-    ranks = launch_gloo_ranks([sys.executable, "-c", code], 2, timeout=180,
-                              extra_env={"PYTHONPATH": f"{tests.parent}:{tests}"})
-    assert all(rank.returncode == 0 for rank in ranks), [rank.stderr[-2000:] for rank in ranks]
-    return out_dir
+    failures = []
+    for _ in range(2):  # one retry: a full-suite run once failed this launch's setup and never again alone
+        ranks = launch_gloo_ranks([sys.executable, "-c", code], 2, timeout=180,
+                                  extra_env={"PYTHONPATH": f"{tests.parent}:{tests}"})
+        if all(rank.returncode == 0 for rank in ranks):
+            if failures:
+                warnings.warn(f"the two-process launch failed once, then ran: {failures[0]}")
+            return out_dir
+        failures.append([rank.stderr[-2000:] for rank in ranks])
+    raise AssertionError(f"the two-process launch failed twice: {failures}")
 
 
 @pytest.mark.slow
