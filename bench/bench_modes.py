@@ -478,7 +478,10 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
-def run_dataset(name: str, setting: Setting, seeds: int, keys: list[str] | None) -> dict:
+def run_dataset(name: str, setting: Setting, seeds: list[int], keys: list[str] | None, timing: bool = True,
+                trained: dict | None = None) -> dict:
+    """Train every mode on every seed, time them interleaved, summarise. ``timing=False`` stops after training
+    and returns the partial result that ``--merge`` completes; ``trained`` (from ``--merge``) skips training."""
     problem = make_problem(name, setting)
     counted = CountedLoss(funcsam.make_loss_fn(problem.model, F.cross_entropy))
     total_steps = steps_per_run(problem, setting)
@@ -486,32 +489,59 @@ def run_dataset(name: str, setting: Setting, seeds: int, keys: list[str] | None)
     modes, notes = build_modes(setting, problem.model, counted, total_steps)
     if keys:
         modes = {k: mode for k, mode in modes.items() if k in ("base", "sam") or any(k.startswith(x) for x in keys)}
+    if trained is not None:  # the saved runs' modes, in their order
+        if set(trained) - set(modes):
+            raise SystemExit(f"--merge: this code builds no mode {sorted(set(trained) - set(modes))}")
+        modes = {key: modes[key] for key in trained}
     load = {"before": os.getloadavg()}
     print(f"\n== {name}: {setting.model}, {len(problem.train[1])} train / {len(problem.test[1])} test images, "
           f"{total_steps} steps, seeds {seeds}, modes {', '.join(modes)}", flush=True)
     for note in notes:
         print(f"   {note}")
 
-    runs = {key: [] for key in modes}
-    for seed in range(seeds):
+    runs = trained if trained is not None else {key: [] for key in modes}
+    for seed in seeds if trained is None else []:
         for key, mode in modes.items():
             run = train_run(mode, problem, setting, seed, counted, lr_at)
-            runs[key].append(run)
+            runs[key].append(run | dict(seed=seed))
             print(f"   seed {seed} {key:12s} acc {run['test_acc']:.4f}  top eig {run['top_eigenvalue']:8.3f}  "
                   f"passes {run['steps_by_passes']}  {run['train_seconds']:.1f} s", flush=True)
     load["after_training"] = os.getloadavg()
+    settings = dataclasses.asdict(setting) | dict(
+        total_steps=total_steps, seeds=len(seeds), seed_list=list(seeds), train_images=len(problem.train[1]),
+        test_images=len(problem.test[1]), params=sum(p.numel() for p in problem.model.parameters()))
+    if not timing:
+        return dict(dataset=name, partial=True, settings=settings, machine=machine(load), runs=runs)
 
     start = time.perf_counter()
     times = time_modes(modes, problem, setting, counted, total_steps, lr_at)
     load["after_timing"] = os.getloadavg()
     print(f"   interleaved timing: {time.perf_counter() - start:.1f} s, load {load['after_timing'][0]:.2f}")
-    settings = dataclasses.asdict(setting) | dict(
-        total_steps=total_steps, seeds=seeds, train_images=len(problem.train[1]), test_images=len(problem.test[1]),
-        params=sum(p.numel() for p in problem.model.parameters()))
     results = summarise(modes, runs, times)
     reduction = results["base"]["top_eigenvalue_mean"] - results["sam"]["top_eigenvalue_mean"]
     return dict(dataset=name, goal=GOAL, settings=settings, sam_reduces_eigenvalue=reduction > 0,
                 not_included=notes, machine=machine(load), modes=results)
+
+
+def merged_runs(paths: list[str]) -> tuple[str, Setting, list[int], dict]:
+    """The training runs of ``--no-timing`` results (one data set, one setting, disjoint seeds), in seed order."""
+    parts = [json.loads(Path(path).read_text()) for path in paths]
+    for path, part in zip(paths, parts):
+        if not part.get("partial"):
+            raise SystemExit(f"--merge takes the files of --no-timing runs; {path} is a finished result")
+    first = parts[0]["settings"]
+    fields = {f.name for f in dataclasses.fields(Setting)}
+    for path, part in zip(paths, parts):
+        s = part["settings"]
+        if part["dataset"] != parts[0]["dataset"] or any(s[f] != first[f] for f in fields):
+            raise SystemExit(f"--merge: {path} is of another data set or setting than {paths[0]}")
+    seeds = sorted(seed for part in parts for seed in part["settings"]["seed_list"])
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--merge: a seed occurs in two files ({seeds})")
+    runs = {key: sorted((run for part in parts for run in part["runs"][key]), key=lambda run: run["seed"])
+            for key in parts[0]["runs"]}
+    setting = Setting(**{f: tuple(first[f]) if isinstance(first[f], list) else first[f] for f in fields})
+    return parts[0]["dataset"], setting, seeds, runs
 
 
 def summarise(modes: dict, runs: dict, times: dict) -> dict:
@@ -671,6 +701,12 @@ def main(argv=None) -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1 (init and batch order); >= 2 for a std")
     parser.add_argument("--out", default="bench/results/modes_{dataset}.json",
                         help="JSON path; {dataset} is replaced by the data set's name ('' to write nothing)")
+    parser.add_argument("--seed-list", type=int, nargs="+", default=None, metavar="SEED",
+                        help="these seeds instead of 0 .. N-1 (to split one data set's training over processes)")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="train only and write the runs; --merge times and summarises such files together")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="the --no-timing files of one data set and setting: their runs, timed now and summarised")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 2 epochs, small sets, 2 seeds")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared CPU, 2 threads spin against other jobs)")
@@ -689,22 +725,27 @@ def main(argv=None) -> None:
     overrides = parse_overrides(parser, args.set)
     torch.set_num_threads(args.threads)
     names = {"both": ["synthetic", "digits"], "all": list(SETTINGS)}.get(args.dataset, [args.dataset])
-    if len(names) > 1 and args.out and "{dataset}" not in args.out:
+    if len(names) > 1 and not args.merge and args.out and "{dataset}" not in args.out:
         parser.error(f"--dataset {args.dataset} writes one file per data set: put {{dataset}} in --out")
-    seeds = min(args.seeds, 2) if args.quick else args.seeds
-    print(f"python -m bench.bench_modes {' '.join(sys.argv[1:] if argv is None else argv)}")
-    for name in names:
-        quick = QUICK | QUICK_SIZES.get(name, {}) if args.quick else {}
-        setting = dataclasses.replace(SETTINGS[name], **(quick | overrides))
-        result = run_dataset(name, setting, seeds, args.modes)
-        result["command"] = "python -m bench.bench_modes " + " ".join(sys.argv[1:] if argv is None else argv)
-        print("\n" + table(result), flush=True)
+    seeds = args.seed_list if args.seed_list else list(range(min(args.seeds, 2) if args.quick else args.seeds))
+    command = "python -m bench.bench_modes " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(command)
+    if args.merge:
+        name, setting, seeds, trained = merged_runs(args.merge)
+        jobs = [(name, setting, trained)]
+    else:
+        jobs = [(name, dataclasses.replace(SETTINGS[name], **((QUICK | QUICK_SIZES.get(name, {}) if args.quick else {})
+                                                                | overrides)), None) for name in names]
+    for name, setting, trained in jobs:
+        result = run_dataset(name, setting, seeds, args.modes, timing=not args.no_timing, trained=trained)
+        result["command"] = command
+        if not args.no_timing:
+            print("\n" + table(result), flush=True)
         if args.out:
             path = Path(args.out.format(dataset=name))
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
             print(f"wrote {path}")
-
 
 if __name__ == "__main__":
     main()
