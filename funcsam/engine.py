@@ -8,7 +8,7 @@ the two plugs, and the optimizers call the same mode hooks::
     point  = w, or w - rho * m / ||m|| where the mode ascends along the momentum (MSAM)
     first  = source.first_pass(gradient, point, buffers, batch)          units g_k, loss, buffers, aux
     SAM step:   g_k reduced (sam_sync global) and unscaled, e_k = perturb(g_k),
-                g_sam = source.second_pass(gradient, w, e_k, ...), reduced and unscaled
+                g_sam = source.second_pass(gradient, w, e_k, ...), reduced and unscaled; g is not kept
     base step:  g = mean_k g_k, reduced and unscaled
     d, s   = mode.direction(gradients, s);  s = mode.observe(...)
     out    = finish_step(setup, d, finite, ...)                          clip, base update, skip if non-finite
@@ -18,6 +18,7 @@ Every norm and dot product over the parameter tree goes through :mod:`funcsam.tr
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import optree
@@ -129,7 +130,9 @@ def run_pipeline(setup: StepSetup, mode: Mode, source: Any, own: Any, loss_fn: C
     first = source.first_pass(gradient, point, buffers, batch)
     if perturbs and mode.ascent == "gradient":
         second_batch = batch if first.second_batch is None else first.second_batch  # TopK's k examples
-        result = two_pass_gradients(setup, mode, source, first.units, gradient, buffers, second_batch)
+        ascent = climb(setup, mode, source, first.units)
+        first = first._replace(units=None)  # g is not held through the second pass (unless the mode keeps it)
+        result = sam_gradients(setup, source, ascent, gradient, buffers, second_batch)
     else:
         result = one_pass_gradients(setup, first.units)
     finite = result.finite & torch.isfinite(first.loss)
@@ -149,14 +152,21 @@ def one_pass_gradients(setup: StepSetup, units: list) -> PassResult:
     return PassResult(StepGradients(grads, None, grad_norm), grad_norm, torch.isfinite(grad_norm))
 
 
-def two_pass_gradients(setup: StepSetup, mode: Mode, source: Any, units: list, gradient: Callable,
-                       buffers: PyTree, batch: Any) -> PassResult:
-    """From the first pass's units to the SAM gradient: each unit perturbs with its own (reduced,
-    under ``sam_sync="global"``) gradient, and the second pass's gradient is reduced across replicas.
+class Climb(NamedTuple):
+    """A SAM step's ascent, formed from the first pass's units before the second pass runs."""
 
-    Under ``sam_sync="local"`` or m-sharpness with ``grad_reduce``, a replica whose first gradient
-    overflowed poisons the reduced SAM gradient, so every replica skips alike; a mode that uses g
-    then gets it reduced too (one more all-reduce, of the first gradient)."""
+    perturbations: list  # e_k, one list per unit; the source's second pass may turn them into w + e_k in place
+    norms: Tensor  # (units,): ||g_k|| (||T g_k|| for ASAM, ||g_N|| for SAM-ON)
+    first: list | None  # g (the units' mean, reduced as the mode needs it), only where the mode reads it
+    first_norm: Tensor | None  # ||g|| where it is norms[0] itself, else None
+    local: bool  # each unit perturbed with its own, unreduced gradient
+
+
+def climb(setup: StepSetup, mode: Mode, source: Any, units: list) -> Climb:
+    """Each unit's perturbation from its own gradient (reduced first under ``sam_sync="global"``).
+
+    The units are not kept: once e is formed, plain SAM needs nothing of g, so the step holds no g
+    through the second pass; a mode that reads g (``mode.uses_first_gradient``) keeps its mean."""
     options, loss_scale = setup.options, setup.loss_scale
     reduce = options.grad_reduce
     local = source.local or options.sam_sync == "local"
@@ -165,13 +175,6 @@ def two_pass_gradients(setup: StepSetup, mode: Mode, source: Any, units: list, g
     units = [unscale(grads, loss_scale) for grads in units]
     perturbations, norms = zip(*[perturb(setup, grads) for grads in units])
     norms = torch.stack(norms)
-    sam_grads = source.second_pass(gradient, setup.leaves, list(perturbations), buffers, batch)
-    if reduce is not None:
-        if local:  # norms.sum() is non-finite exactly when some unit's norm is
-            sam_grads = spread_non_finite(sam_grads, norms.sum())
-        sam_grads = reduce_gradients(reduce, sam_grads)
-    sam_grads = unscale(sam_grads, loss_scale)
-    finite = torch.isfinite(norms).all() & torch.isfinite(global_norm(sam_grads))
 
     first_grads, first_norm = None, None
     if mode.uses_first_gradient:
@@ -181,7 +184,25 @@ def two_pass_gradients(setup: StepSetup, mode: Mode, source: Any, units: list, g
         plain = not options.adaptive and (options.perturb_mask is None or all(options.perturb_mask))
         if plain and len(units) == 1 and not (reduce is not None and local):
             first_norm = norms[0]  # perturb's norm is ||g|| itself: no second reduction
-    return PassResult(StepGradients(first_grads, sam_grads, first_norm), norms.mean(), finite)
+    return Climb(list(perturbations), norms, first_grads, first_norm, local)
+
+
+def sam_gradients(setup: StepSetup, source: Any, ascent: Climb, gradient: Callable, buffers: PyTree,
+                  batch: Any) -> PassResult:
+    """The second pass at w + e_k for each unit (``source.second_pass``), reduced across replicas and unscaled.
+
+    Under ``sam_sync="local"`` or m-sharpness with ``grad_reduce``, a replica whose first gradient
+    overflowed poisons the reduced SAM gradient, so every replica skips alike; a mode that uses g
+    then gets it reduced too (one more all-reduce, of the first gradient, in :func:`climb`)."""
+    reduce, loss_scale = setup.options.grad_reduce, setup.loss_scale
+    sam_grads = source.second_pass(gradient, setup.leaves, ascent.perturbations, buffers, batch)
+    if reduce is not None:
+        if ascent.local:  # norms.sum() is non-finite exactly when some unit's norm is
+            sam_grads = spread_non_finite(sam_grads, ascent.norms.sum())
+        sam_grads = reduce_gradients(reduce, sam_grads)
+    sam_grads = unscale(sam_grads, loss_scale)
+    finite = torch.isfinite(ascent.norms).all() & torch.isfinite(global_norm(sam_grads))
+    return PassResult(StepGradients(ascent.first, sam_grads, ascent.first_norm), ascent.norms.mean(), finite)
 
 
 def finish_step(setup: StepSetup, grads: list, finite: Tensor, grad_norm: Tensor, buffers: PyTree,
@@ -197,10 +218,18 @@ def finish_step(setup: StepSetup, grads: list, finite: Tensor, grad_norm: Tensor
     if not same_structure(new_buffer_spec, buffer_spec):
         raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
     loss_scale = setup.loss_scale
+    if finite.device.type == "cpu" and not traced_or_transformed():
+        # Eager on the CPU reading the verdict is free, and picking costs no copy of params and state
+        # (torch.where writes a third one beside the old and the new). A skipped step returns the inputs.
+        taken = bool(finite)
+        keep = (lambda new, old: new) if taken else (lambda new, old: old)
+        keep_state = keep
+    else:  # traced, or on an accelerator: no host sync
+        keep, keep_state = functools.partial(select, finite), functools.partial(select_state, finite)
     return SAMStepOutput(
-        params=unflatten(setup.spec, select(finite, stepped, setup.leaves)),
-        buffers=unflatten(buffer_spec, select(finite, new_buffer_leaves, old_buffer_leaves)),
-        momentum_state=unflatten_state(setup.spec, select_state(finite, stepped_state, setup.state)),
+        params=unflatten(setup.spec, keep(stepped, setup.leaves)),
+        buffers=unflatten(buffer_spec, keep(new_buffer_leaves, old_buffer_leaves)),
+        momentum_state=unflatten_state(setup.spec, keep_state(stepped_state, setup.state)),
         loss=loss,
         aux=aux,
         finite=finite,

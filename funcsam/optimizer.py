@@ -28,6 +28,7 @@ Both take ``mode=``, the same mode objects as :func:`funcsam.sam_step` (:mod:`fu
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any, Iterable
 
@@ -304,9 +305,14 @@ class SAMSGD(SAMOptimizer):
         base = SGD(momentum, group["dampening"], group["weight_decay"], group["nesterov"])
         shards, buffer_shards = local_views(params), local_views(buffers)  # the tensors themselves unless sharded
         stepped, new_state = base.update(shards, grads, MomentumState(buffer_shards, states[0]["step"]), group["lr"])
-        torch._foreach_copy_(shards, select(finite, stepped, shards))
+        if finite.device.type == "cpu":  # a host read is free here, and saves select's copy of params and momenta
+            keep = (lambda new, old: new) if bool(finite) else (lambda new, old: old)
+        else:  # no host sync on an accelerator
+            keep = functools.partial(select, finite)
+        torch._foreach_copy_(shards, keep(stepped, shards))
+        del stepped
         if momentum != 0:
-            for state, old, buffer in zip(states, buffers, select(finite, new_state.momentum_buffer, buffer_shards)):
+            for state, old, buffer in zip(states, buffers, keep(new_state.momentum_buffer, buffer_shards)):
                 state["momentum_buffer"] = stored_into(old, buffer)
         torch._foreach_add_([state["step"] for state in states], finite.to(torch.int64))
 

@@ -13,6 +13,10 @@ point (w, or MSAM's w + e) and, on SAM steps, the second pass at w + e_k for eac
     SDS(k, per_example_loss)    ESAM's data selection (Du et al. 2022): the second pass on the k
                         examples whose loss rises most from w to w + e              1 unit
 
+The perturbations a second pass receives are the step's own transients: a source may write w + e_k
+into them in place (:func:`perturbed_point`) or drop them from the list once used, so that the pass
+holds no parameter-sized copy beyond w + e.
+
 Data-parallel replicas are the fourth source of gradients, and they compose with each of these:
 ``SAMOptions(grad_reduce=..., sam_sync=...)`` reduces what the source returns.
 
@@ -79,7 +83,7 @@ class OneBatch:
         return FirstPass([grads], loss, new_buffers, aux)
 
     def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree, batch: Any) -> list:
-        return gradient(torch._foreach_add(leaves, perturbations[0]), buffers, batch)[0]
+        return gradient(perturbed_point(leaves, perturbations[0]), buffers, batch)[0]
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ class MicroBatches:
 
     def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree,
                     batch: Sequence) -> list:
-        perturbed, grads = torch._foreach_add(leaves, perturbations[0]), None
+        perturbed, grads = perturbed_point(leaves, perturbations[0]), None
         for micro_batch, weight in zip(batch, _weights(batch)):
             grads = _accumulate(grads, gradient(perturbed, buffers, micro_batch)[0], weight)
         return grads
@@ -157,7 +161,9 @@ class MSharpness:
     def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree, batch: Any) -> list:
         if self.m == 1:
             return OneBatch().second_pass(gradient, leaves, perturbations, buffers, batch)
-        perturbed = torch._foreach_add([torch.stack(parts) for parts in zip(*perturbations)], leaves)  # (m, ...)
+        perturbed = [torch.stack(parts) for parts in zip(*perturbations)]  # (m, ...)
+        perturbations.clear()  # the parts' e_k, now stacked: not held through the pass
+        torch._foreach_add_(perturbed, leaves)
 
         def one_part(part_leaves, part_buffers, part):
             return gradient(part_leaves, part_buffers, part)[0]
@@ -246,10 +252,18 @@ class SDS:
     def second_pass(self, gradient: Gradient, leaves: list, perturbations: list, buffers: PyTree,
                     batch_and_losses: tuple) -> list:
         batch, losses_at_w = batch_and_losses
-        perturbed = torch._foreach_add(leaves, perturbations[0])
+        perturbed = perturbed_point(leaves, perturbations[0])
         losses_at_w_plus_e, _ = per_example_losses(self.per_example_loss, gradient.params_of(perturbed), buffers, batch)
         selected = top_k_examples(batch, losses_at_w_plus_e - losses_at_w, self.k)
         return gradient(perturbed, buffers, selected)[0]
+
+
+def perturbed_point(leaves: list, perturbation: list) -> list:
+    """w + e, written into e's own tensors: the pipeline's e is a transient of the step that nothing
+    reads after the second pass begins, so w + e costs no parameter-sized copy beside it. (e + w is
+    w + e bit for bit.)"""
+    torch._foreach_add_(perturbation, leaves)
+    return perturbation
 
 
 def check_selection(source: TopK | SDS, meaning: str) -> None:

@@ -68,3 +68,13 @@ def test_sam_steps_hold_one_parameter_copy_more_than_sgd():
     assert table[names[0]]["copies"] > 20  # the activations: the peak is in the backward pass
     for name in names[1:]:
         assert table[name]["copies_over_sgd"] == pytest.approx(1.0, abs=0.05), name
+
+
+def test_eager_sam_step_holds_w_plus_e_and_the_modules_own_parameters():
+    """Eager sam_step at its peak (the second backward): w + e, and the module make_loss_fn keeps (its own
+    parameters, which model.to("meta") frees); neither g nor a separate e."""
+    model, batch = activation_bound_convnet()
+    names = ["torch.optim.SGD (eager)", "sam_step (eager)"]
+    table = copies_over({name: (lambda name=name: VARIANTS[name](model, batch)) for name in names}, names[0],
+                        parameter_bytes(model), "cpu")
+    assert table[names[1]]["copies_over_sgd"] == pytest.approx(2.0, abs=0.1)  # it held 4.0 before

@@ -92,6 +92,43 @@ def test_sam_step_mutates_nothing_it_was_given():
     assert_trees_close(params_and_buffers(model)[0], params, atol=0)
 
 
+@pytest.mark.parametrize("mode", [None, funcsam.GSAM(alpha=0.2)], ids=["sam", "gsam reads g"])
+def test_second_pass_holds_neither_g_nor_a_separate_e(mode):
+    """SAM's extra memory is w + e: the first gradient is gone when the second pass runs (unless the mode
+    reads it, as GSAM does), and w + e is written into e's own tensors."""
+    import gc
+    import weakref
+
+    class Watched(funcsam.OneBatch):
+        def first_pass(self, gradient, point, buffers, batch):
+            first = super().first_pass(gradient, point, buffers, batch)
+            self.__dict__["g"] = [weakref.ref(grad) for grad in first.units[0]]
+            return first
+
+        def second_pass(self, gradient, leaves, perturbations, buffers, batch):
+            gc.collect()
+            self.__dict__["g_alive"] = sum(ref() is not None for ref in self.__dict__["g"])
+            e_ids = [id(e) for e in perturbations[0]]
+            grads = super().second_pass(gradient, leaves, perturbations, buffers, batch)
+            self.__dict__["in_place"] = [id(x) for x in perturbations[0]] == e_ids
+            return grads
+
+    model = mlp()
+    params, buffers = params_and_buffers(model)
+    batch = classification_batches(1, 8, (6,))[0]
+    loss_fn = funcsam.make_loss_fn(model, F.cross_entropy)
+    source = Watched()
+    base = funcsam.sgd(momentum=0.9)
+    mode_ = funcsam.FullSAM() if mode is None else mode
+    out = funcsam.sam_step(params, buffers, batch, loss_fn, 0.05, 0.1, mode_.init_state(base, params), base=base,
+                           mode=mode, source=source)
+    assert source.g_alive == (0 if mode is None else len(params))
+    assert source.in_place
+    expected = reference_sam_sgd(model, [batch], rho=0.05, lr=0.1, momentum=0.9) if mode is None else None
+    if expected is not None:
+        assert_trees_close(out.params, expected, atol=1e-6)
+
+
 def test_output_fields():
     model = mlp()
     params, buffers = params_and_buffers(model)
