@@ -184,7 +184,7 @@ def climb(setup: StepSetup, mode: Mode, source: Any, units: list) -> Climb:
         plain = not options.adaptive and (options.perturb_mask is None or all(options.perturb_mask))
         if plain and len(units) == 1 and not (reduce is not None and local):
             first_norm = norms[0]  # perturb's norm is ||g|| itself: no second reduction
-    return Climb(list(perturbations), norms, first_grads, first_norm, local)
+    return Climb([list(e) for e in perturbations], norms, first_grads, first_norm, local)
 
 
 def sam_gradients(setup: StepSetup, source: Any, ascent: Climb, gradient: Callable, buffers: PyTree,

@@ -259,10 +259,17 @@ class SDS:
 
 
 def perturbed_point(leaves: list, perturbation: list) -> list:
-    """w + e, written into e's own tensors: the pipeline's e is a transient of the step that nothing
-    reads after the second pass begins, so w + e costs no parameter-sized copy beside it. (e + w is
-    w + e bit for bit.)"""
-    torch._foreach_add_(perturbation, leaves)
+    """w + e, written into e's own tensors where they are laid out as w: the pipeline's e is a
+    transient of the step that nothing reads after the second pass begins, so w + e costs no
+    parameter-sized copy beside it (e + w is w + e bit for bit). An e laid out otherwise (the
+    gradient of a weight stored contiguous but computed in channels_last) is replaced in the list by
+    a new w + e in w's layout, so that the second pass sees the first pass's strides (a compiled
+    loss function would recompile for other strides) and that e is freed."""
+    if all(e.stride() == w.stride() for e, w in zip(perturbation, leaves)):
+        torch._foreach_add_(perturbation, leaves)
+        return perturbation
+    for index, (w, e) in enumerate(zip(leaves, perturbation)):  # each e freed as its w + e replaces it
+        perturbation[index] = e.add_(w) if e.stride() == w.stride() else torch.add(w, e)
     return perturbation
 
 

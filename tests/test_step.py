@@ -129,6 +129,38 @@ def test_second_pass_holds_neither_g_nor_a_separate_e(mode):
         assert_trees_close(out.params, expected, atol=1e-6)
 
 
+def test_second_pass_point_keeps_the_weights_layout_when_computed_in_channels_last():
+    """Weights stored contiguous, computed in channels_last: g and e come out channels_last, and the
+    second pass gets w + e in the weights' own strides (as the first pass had them), each e freed."""
+    import gc
+    import weakref
+
+    seen = {}
+
+    class Watched(funcsam.OneBatch):
+        def second_pass(self, gradient, leaves, perturbations, buffers, batch):
+            e_refs = [weakref.ref(e) for e in perturbations[0]]
+            seen["e_strides_differ"] = any(e.stride() != w.stride() for e, w in zip(perturbations[0], leaves))
+
+            def watched_gradient(point, buffers, batch):
+                gc.collect()
+                seen["strides"] = [p.stride() == w.stride() for p, w in zip(point, leaves)]
+                seen["stale_e"] = sum(ref() is not None and all(ref() is not p for p in point) for ref in e_refs)
+                return gradient(point, buffers, batch)
+
+            return super().second_pass(watched_gradient, leaves, perturbations, buffers, batch)
+
+    model = bn_convnet()
+    params, buffers = params_and_buffers(model)
+    batch = classification_batches(1, 8, (3, 6, 6))[0]
+    state = funcsam.init_momentum(params)
+    outs = [funcsam.sam_step(params, buffers, batch, funcsam.make_loss_fn(model, F.cross_entropy, memory_format=layout),
+                             0.05, 0.1, state, momentum=0.9, source=source)
+            for layout, source in ((torch.channels_last, Watched()), (None, None))]
+    assert seen["e_strides_differ"] and all(seen["strides"]) and seen["stale_e"] == 0
+    assert_trees_close(outs[0].params, outs[1].params, atol=1e-5)
+
+
 def test_output_fields():
     model = mlp()
     params, buffers = params_and_buffers(model)
