@@ -123,7 +123,8 @@ SETTINGS = {
                       rho=0.1, weight_decay=5e-4, sharpness_images=512, timing_rounds=200),
     # The same digits and split, upsampled (bilinear) to 3 x 16 x 16 for the trainer's ResNet-20 (270K
     # params). 16, not 32: on the shared 2-core CPU a 32 x 32 step costs 4x a 16 x 16 one (0.28 s against
-    # 0.075 s, one thread), and 3 seeds of a dozen modes would not fit an hour (--set image_size=32 runs it).
+    # 0.075 s, one thread), and 3 seeds of a dozen modes would not fit an hour. --set image_size=32 runs the
+    # full size (bench/results/modes_digits_resnet20_32.json: training split with --seed-list, then --merge).
     # lr 0.01: at 0.05 (2 seeds) the base optimizer ends at a top eigenvalue of 1.6-1.8, and full SAM
     # at rho 0.05, 0.1 or 0.2 did not lower it; at 0.01 full SAM lowers it from 23-34 to 14-25 (97% test accuracy).
     "digits_resnet20": Setting(model="resnet20", train_size=1347, test_size=450, batch_size=64, epochs=6, lr=0.01,
