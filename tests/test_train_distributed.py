@@ -66,8 +66,10 @@ def runs(tmp_path_factory):
     """Two-process runs shared by the tests below (each launch costs seconds)."""
     root = tmp_path_factory.mktemp("train_dp")
     ranks = {}
-    ranks["sync_bn"] = launch(tiny_args(root / "sync_bn", "--sync-bn", "--sam-sync", "global"))
-    ranks["straight"] = launch(tiny_args(root / "straight"))
+    # One interpreter start for both: the straight run is compared bit for bit with a resumed one
+    # launched afresh below, which also checks that a run after another in the same process is clean.
+    ranks["sync_bn"] = ranks["straight"] = launch_in_sequence(
+        tiny_args(root / "sync_bn", "--sync-bn", "--sam-sync", "global"), tiny_args(root / "straight"))
     ranks["crashed"] = launch(tiny_args(root / "resumed"), crash_at_epoch=2)
     ranks["resumed"] = launch(tiny_args(root / "resumed", "--resume"))
     # --api adapter (DDP): global with --sync-bn; local straight, crashed at epoch 2, resumed.
