@@ -728,6 +728,8 @@ def main(argv=None) -> None:
     names = {"both": ["synthetic", "digits"], "all": list(SETTINGS)}.get(args.dataset, [args.dataset])
     if len(names) > 1 and not args.merge and args.out and "{dataset}" not in args.out:
         parser.error(f"--dataset {args.dataset} writes one file per data set: put {{dataset}} in --out")
+    if args.merge and (args.no_timing or args.seed_list):
+        parser.error("--merge takes its seeds from the files and times them: leave out --no-timing and --seed-list")
     seeds = args.seed_list if args.seed_list else list(range(min(args.seeds, 2) if args.quick else args.seeds))
     command = "python -m bench.bench_modes " + " ".join(sys.argv[1:] if argv is None else argv)
     print(command)
@@ -747,6 +749,7 @@ def main(argv=None) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(json_safe(result), indent=1) + "\n")
             print(f"wrote {path}")
+
 
 if __name__ == "__main__":
     main()

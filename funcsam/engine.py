@@ -18,7 +18,6 @@ Every norm and dot product over the parameter tree goes through :mod:`funcsam.tr
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable, NamedTuple
 
 import optree
@@ -32,7 +31,8 @@ from .modes.protocol import Mode, StepGradients
 from .options import GradReduce, SAMOptions, check_options
 from .perturbation import perturbation_and_norm
 from .sam_on import perturb_mask_leaves
-from .tree import PyTree, Tensor, flatten, global_norm, mean_of, same_structure, select, traced_or_transformed, unflatten
+from .tree import (PyTree, Tensor, flatten, global_norm, mean_of, picker, same_structure, traced_or_transformed,
+                   unflatten)
 
 __all__ = ["SAMStepOutput", "StepSetup", "prepare_step", "run_pipeline"]
 
@@ -159,7 +159,6 @@ class Climb(NamedTuple):
     norms: Tensor  # (units,): ||g_k|| (||T g_k|| for ASAM, ||g_N|| for SAM-ON)
     first: list | None  # g (the units' mean, reduced as the mode needs it), only where the mode reads it
     first_norm: Tensor | None  # ||g|| where it is norms[0] itself, else None
-    local: bool  # each unit perturbed with its own, unreduced gradient
 
 
 def climb(setup: StepSetup, mode: Mode, source: Any, units: list) -> Climb:
@@ -169,7 +168,7 @@ def climb(setup: StepSetup, mode: Mode, source: Any, units: list) -> Climb:
     through the second pass; a mode that reads g (``mode.uses_first_gradient``) keeps its mean."""
     options, loss_scale = setup.options, setup.loss_scale
     reduce = options.grad_reduce
-    local = source.local or options.sam_sync == "local"
+    local = perturbs_locally(setup, source)
     if reduce is not None and not local:
         units = [reduce_gradients(reduce, grads) for grads in units]
     units = [unscale(grads, loss_scale) for grads in units]
@@ -184,7 +183,12 @@ def climb(setup: StepSetup, mode: Mode, source: Any, units: list) -> Climb:
         plain = not options.adaptive and (options.perturb_mask is None or all(options.perturb_mask))
         if plain and len(units) == 1 and not (reduce is not None and local):
             first_norm = norms[0]  # perturb's norm is ||g|| itself: no second reduction
-    return Climb([list(e) for e in perturbations], norms, first_grads, first_norm, local)
+    return Climb([list(e) for e in perturbations], norms, first_grads, first_norm)
+
+
+def perturbs_locally(setup: StepSetup, source: Any) -> bool:
+    """Each unit perturbs with its own, unreduced gradient: m-sharpness parts, or ``sam_sync="local"``."""
+    return source.local or setup.options.sam_sync == "local"
 
 
 def sam_gradients(setup: StepSetup, source: Any, ascent: Climb, gradient: Callable, buffers: PyTree,
@@ -197,7 +201,7 @@ def sam_gradients(setup: StepSetup, source: Any, ascent: Climb, gradient: Callab
     reduce, loss_scale = setup.options.grad_reduce, setup.loss_scale
     sam_grads = source.second_pass(gradient, setup.leaves, ascent.perturbations, buffers, batch)
     if reduce is not None:
-        if ascent.local:  # norms.sum() is non-finite exactly when some unit's norm is
+        if perturbs_locally(setup, source):  # norms.sum() is non-finite exactly when some unit's norm is
             sam_grads = spread_non_finite(sam_grads, ascent.norms.sum())
         sam_grads = reduce_gradients(reduce, sam_grads)
     sam_grads = unscale(sam_grads, loss_scale)
@@ -218,14 +222,8 @@ def finish_step(setup: StepSetup, grads: list, finite: Tensor, grad_norm: Tensor
     if not same_structure(new_buffer_spec, buffer_spec):
         raise ValueError("loss_fn returned new_buffers with a structure different from the buffers it was given")
     loss_scale = setup.loss_scale
-    if finite.device.type == "cpu" and not traced_or_transformed():
-        # Eager on the CPU reading the verdict is free, and picking costs no copy of params and state
-        # (torch.where writes a third one beside the old and the new). A skipped step returns the inputs.
-        taken = bool(finite)
-        keep = (lambda new, old: new) if taken else (lambda new, old: old)
-        keep_state = keep
-    else:  # traced, or on an accelerator: no host sync
-        keep, keep_state = functools.partial(select, finite), functools.partial(select_state, finite)
+    # Eager on the CPU a skipped step returns its inputs as they are (no torch.where copy).
+    keep, keep_state = picker(finite), picker(finite, select_state)
     return SAMStepOutput(
         params=unflatten(setup.spec, keep(stepped, setup.leaves)),
         buffers=unflatten(buffer_spec, keep(new_buffer_leaves, old_buffer_leaves)),

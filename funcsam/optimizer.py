@@ -28,7 +28,6 @@ Both take ``mode=``, the same mode objects as :func:`funcsam.sam_step` (:mod:`fu
 
 from __future__ import annotations
 
-import functools
 import inspect
 from typing import Any, Iterable
 
@@ -39,7 +38,7 @@ from .base import SGD, MomentumState, check_base, check_sgd_hyperparameters
 from .hyperparameters import check_scalar
 from .param_groups import check_group_fits_mode, has_new_gradient
 from .sharding import check_state_sharding, local_views, stored_into
-from .tree import Tensor, clone_all, select
+from .tree import Tensor, clone_all, picker, select
 
 # Group keys that select an implementation rather than define the update: a state dict may lack them.
 _IMPLEMENTATION_KEYS = {"foreach", "fused", "capturable", "differentiable", "maximize", "decoupled_weight_decay"}
@@ -305,10 +304,7 @@ class SAMSGD(SAMOptimizer):
         base = SGD(momentum, group["dampening"], group["weight_decay"], group["nesterov"])
         shards, buffer_shards = local_views(params), local_views(buffers)  # the tensors themselves unless sharded
         stepped, new_state = base.update(shards, grads, MomentumState(buffer_shards, states[0]["step"]), group["lr"])
-        if finite.device.type == "cpu":  # a host read is free here, and saves select's copy of params and momenta
-            keep = (lambda new, old: new) if bool(finite) else (lambda new, old: old)
-        else:  # no host sync on an accelerator
-            keep = functools.partial(select, finite)
+        keep = picker(finite)  # on the CPU no select copy of params and momenta beside the held w
         torch._foreach_copy_(shards, keep(stepped, shards))
         del stepped
         if momentum != 0:

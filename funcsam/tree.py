@@ -12,7 +12,8 @@ of truth for leaf order; never zip leaves with ``module.parameters()``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import functools
+from typing import Any, Callable, Sequence
 
 import optree
 import torch
@@ -122,3 +123,17 @@ def select(condition: Tensor, if_true: Sequence[Tensor], if_false: Sequence[Tens
     This is how a step is skipped without a host sync or a Python branch on a tensor value.
     """
     return [torch.where(condition, a, b) for a, b in zip(if_true, if_false)]
+
+
+def picker(condition: Tensor, select_fn: Callable[[Tensor, Any, Any], Any] = select) -> Callable[[Any, Any], Any]:
+    """``pick(if_true, if_false)``: one of two values by a 0-dim bool ``condition``.
+
+    Eager on the CPU, reading ``condition`` on the host is free, and picking returns one of the two
+    as it is (``torch.where`` would write a third copy beside them). Traced, transformed or on an
+    accelerator it is ``select_fn(condition, if_true, if_false)`` (:func:`select`, or a state's
+    fieldwise form): no host sync, no Python branch on a tensor value.
+    """
+    if condition.device.type == "cpu" and not traced_or_transformed():
+        taken = bool(condition)
+        return lambda if_true, if_false: if_true if taken else if_false
+    return functools.partial(select_fn, condition)

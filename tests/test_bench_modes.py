@@ -39,3 +39,12 @@ def test_merge_refuses_a_finished_result(tmp_path):
     finished.write_text(json.dumps(dict(dataset="digits", settings={}, modes={})))
     with pytest.raises(SystemExit, match="finished result"):
         merged_runs([str(finished)])
+
+
+def test_merge_with_no_timing_or_seed_list_is_refused(capsys):
+    from bench.bench_modes import main
+
+    for extra in (["--no-timing"], ["--seed-list", "0"]):
+        with pytest.raises(SystemExit):
+            main(["--merge", "a.json", *extra])
+        assert "--merge takes its seeds from the files" in capsys.readouterr().err
