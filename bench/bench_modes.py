@@ -719,18 +719,18 @@ def main(argv=None) -> None:
     parser.add_argument("--table", nargs="+", default=None, metavar="JSON",
                         help="print the tables of saved results (files this script wrote) and exit")
     args = parser.parse_args(argv)
+    if args.merge and (args.no_timing or args.seed_list):
+        parser.error("--merge takes its seeds from the files and times them: leave out --no-timing and --seed-list")
     if args.table:
         for path in args.table:
             print(table(nan_for_null(json.loads(Path(path).read_text()))) + "\n")
         return
     overrides = parse_overrides(parser, args.set)
-    torch.set_num_threads(args.threads)
     names = {"both": ["synthetic", "digits"], "all": list(SETTINGS)}.get(args.dataset, [args.dataset])
     if len(names) > 1 and not args.merge and args.out and "{dataset}" not in args.out:
         parser.error(f"--dataset {args.dataset} writes one file per data set: put {{dataset}} in --out")
-    if args.merge and (args.no_timing or args.seed_list):
-        parser.error("--merge takes its seeds from the files and times them: leave out --no-timing and --seed-list")
     seeds = args.seed_list if args.seed_list else list(range(min(args.seeds, 2) if args.quick else args.seeds))
+    torch.set_num_threads(args.threads)  # after every check: a refused call changes nothing
     command = "python -m bench.bench_modes " + " ".join(sys.argv[1:] if argv is None else argv)
     print(command)
     if args.merge:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from bench.bench_modes import SETTINGS, merged_runs
 
@@ -42,9 +43,13 @@ def test_merge_refuses_a_finished_result(tmp_path):
 
 
 def test_merge_with_no_timing_or_seed_list_is_refused(capsys):
+    """Refused before anything else: in particular before main sets torch's thread count, which would
+    leak into the rest of the test process."""
     from bench.bench_modes import main
 
+    threads = torch.get_num_threads()
     for extra in (["--no-timing"], ["--seed-list", "0"]):
         with pytest.raises(SystemExit):
             main(["--merge", "a.json", *extra])
         assert "--merge takes its seeds from the files" in capsys.readouterr().err
+    assert torch.get_num_threads() == threads
